@@ -99,9 +99,11 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str | None) -> torch.dtype | str:
-    if dtype is None:
-        return "auto"
+def resolve_dtype(dtype: str | None, device: torch.device | None = None) -> torch.dtype | str:
+    """ "auto" (or None) -> float16 on CUDA (what the tutorial evaluates in) and float32 elsewhere
+    (CPU half-precision matmuls are slow and some ops lack fp16 kernels)."""
+    if dtype in (None, "auto"):
+        return torch.float16 if device is not None and device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -175,8 +177,8 @@ def load_model(cfg: Any) -> tuple[torch.nn.Module, Any, ModelInfo]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = getattr(cfg, "name", None) or DEMO_MODEL
-    dtype = resolve_dtype(getattr(cfg, "dtype", None))
     device = resolve_device(getattr(cfg, "device", None))
+    dtype = resolve_dtype(getattr(cfg, "dtype", None), device)
     attn_implementation = getattr(cfg, "attn_implementation", None)
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ModelError(

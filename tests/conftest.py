@@ -19,6 +19,10 @@ from typing import Any
 import pytest
 import torch
 
+# The test machines have 2 cores shared with other work; torch's default intra-op thread pool
+# oversubscribes them and makes small-tensor tests many times slower.
+torch.set_num_threads(1)
+
 TINY_LLAMA_CONFIG: dict[str, Any] = {
     "hidden_size": 64,
     "num_hidden_layers": 2,

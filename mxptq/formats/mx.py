@@ -156,7 +156,7 @@ def quantize_reference(x: torch.Tensor, fmt: Format, axis: int = -1) -> torch.Te
 
 
 @functools.cache
-def _kernels_module():
+def available_kernels():
     """mxptq.formats.kernels if it imports (CUDA/triton present), else None (torch reference)."""
     try:
         from mxptq.formats import kernels
@@ -172,7 +172,7 @@ def quantize(x: torch.Tensor, fmt: Format, axis: int = -1) -> torch.Tensor:
     it must agree with `quantize_reference` bit for bit.
     """
     if x.is_cuda:
-        kernels = _kernels_module()
+        kernels = available_kernels()
         if kernels is not None:
             y = kernels.try_quantize(x, fmt, axis)
             if y is not None:

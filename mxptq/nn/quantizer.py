@@ -8,11 +8,12 @@ set, owns its own tensors and device placement (`mxptq.nn.hadamard.get_rotation(
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from mxptq.formats import Format, quantize
+from mxptq.formats.mx import available_kernels
 
 
 class Rotation(Protocol):
@@ -25,6 +26,11 @@ class Rotation(Protocol):
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def conjugate(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """inverse(fn(forward(x))); a rotation whose length varies (the key axis of P) also
+        restores what must stay exact (masked probabilities)."""
+        ...
 
 
 class ActQuantizer:
@@ -49,7 +55,17 @@ class ActQuantizer:
             return x
         if self.rotation is None:
             return quantize(x, self.fmt, axis=-1)
-        return self.rotation.inverse(quantize(self.rotation.forward(x), self.fmt, axis=-1))
+        if x.is_cuda:
+            # One pass over memory for rotate -> quantize -> rotate back (issue 9); None means the
+            # kernel does not cover this size/format and the reference below runs.
+            kernels = available_kernels()
+            fused = kernels.try_rotated_quantize(x, self.fmt, self.rotation) if kernels else None
+            if fused is not None:
+                return fused
+        return self.rotation.conjugate(x, self._quantize)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize(x, self.fmt, axis=-1)
 
     def describe(self) -> str:
         """Short label for reprs and reports, e.g. "MXINT4(b32,tutorial)+walsh"."""

@@ -221,9 +221,13 @@ def test_missing_kernels_module_falls_back_silently(monkeypatch):
 
     from mxptq.formats import mx
 
+    import mxptq.formats
+
     monkeypatch.setitem(sys.modules, "mxptq.formats.kernels", None)  # makes the import fail
-    mx._kernels_module.cache_clear()
+    # An earlier import leaves the submodule as a package attribute, which `from ... import` prefers.
+    monkeypatch.delattr(mxptq.formats, "kernels", raising=False)
+    mx.available_kernels.cache_clear()
     try:
-        assert mx._kernels_module() is None
+        assert mx.available_kernels() is None
     finally:
-        mx._kernels_module.cache_clear()
+        mx.available_kernels.cache_clear()

@@ -143,6 +143,9 @@ def test_rotation_hook_on_input():
         def inverse(self, x):
             return x @ orthogonal.T
 
+        def conjugate(self, x, fn):
+            return self.inverse(fn(self.forward(x)))
+
     mx.input_quantizer.rotation = Rotation()
     x = torch.randn(5, 64)
     expected = F.linear(quantize(x @ orthogonal, MXINT4) @ orthogonal.T, mx.weight, layer.bias)
