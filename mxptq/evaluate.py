@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -291,7 +290,9 @@ def _score_windows(
             n_inputs = len(windows[index][0]) - 1
             scored = slice(n_inputs - windows[index][1], n_inputs)
             # cross_entropy = -log_softmax(logits)[target], computed in float32.
-            nll = F.cross_entropy(logits[row, scored].to(LOG_SOFTMAX_DTYPE), targets[row, scored], reduction="sum")
+            nll = F.cross_entropy(
+                logits[row, scored].to(LOG_SOFTMAX_DTYPE), targets[row, scored], reduction="sum"
+            )
             sums[index] = -nll.to(torch.float64)
     return sums.cpu()
 
@@ -358,7 +359,9 @@ def word_perplexity_native(
 
 
 @torch.inference_mode()
-def _sum_nll_full_windows(model, windows: torch.Tensor, batch_size: int, description: str) -> tuple[float, int]:
+def _sum_nll_full_windows(
+    model, windows: torch.Tensor, batch_size: int, description: str
+) -> tuple[float, int]:
     """Sum of next-token NLL over every window position 1..S-1 (float32 log-softmax), and the count."""
     device = _model_device(model)
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -372,7 +375,9 @@ def _sum_nll_full_windows(model, windows: torch.Tensor, batch_size: int, descrip
     return float(total), windows.shape[0] * (windows.shape[1] - 1)
 
 
-def token_perplexity(model, tokenizer, text: str, max_length: int = 2048, batch_size: int = 8) -> dict[str, Any]:
+def token_perplexity(
+    model, tokenizer, text: str, max_length: int = 2048, batch_size: int = 8
+) -> dict[str, Any]:
     """Token-level perplexity of a joined text with non-overlapping `max_length` windows.
 
     GPTQ's wikitext2 protocol: tokenize the whole joined text once, cut it into
@@ -402,7 +407,9 @@ def token_perplexity(model, tokenizer, text: str, max_length: int = 2048, batch_
 def calib_perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     """Token perplexity over calibration windows LongTensor[n, seqlen] (rotation search's score)."""
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
-        raise DataError(f"calibration windows must be LongTensor[n >= 1, seqlen >= 2], got {tuple(windows.shape)}")
+        raise DataError(
+            f"calibration windows must be LongTensor[n >= 1, seqlen >= 2], got {tuple(windows.shape)}"
+        )
     _check_batch_size(batch_size)
     total_nll, count = _sum_nll_full_windows(model, windows, batch_size, "calibration perplexity")
     return math.exp(total_nll / count)
@@ -457,20 +464,6 @@ def local_wikitext_task_config(pages: Sequence[str], split: str) -> dict[str, An
 
 
 @contextmanager
-def _tqdm_disabled() -> Iterator[None]:
-    # lm-eval opens one tqdm bar per batch of rolling windows; tqdm honours TQDM_DISABLE.
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = previous
-
-
-@contextmanager
 def _tie_weights_disabled(model) -> Iterator[None]:
     # HFLM.__init__ calls model.tie_weights(); on a tied-embedding model whose lm_head was
     # replaced by an MX module that would put the float embedding back into the head.
@@ -505,8 +498,9 @@ def evaluate_lm_eval(
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise DataError("eval backend 'lm-eval' needs the lm-eval package (pip install lm-eval); "
-                        "or use backend 'native'") from exc
+        raise DataError(
+            "eval backend 'lm-eval' needs the lm-eval package (pip install lm-eval); or use backend 'native'"
+        ) from exc
     pages = data.documents(split)
     if limit is not None:
         if limit < 1:
@@ -516,18 +510,25 @@ def evaluate_lm_eval(
     config = local_wikitext_task_config(pages, split)
     with _tie_weights_disabled(model):
         # A copy: HFLM may set a pad token on the tokenizer it is given.
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal",
-                  max_length=max_length, batch_size=batch_size)
-    with _tqdm_disabled():
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[config],
-            task_manager=TaskManager(include_defaults=False),
-            bootstrap_iters=0,
-            log_samples=False,
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=copy.deepcopy(tokenizer),
+            backend="causal",
+            max_length=max_length,
+            batch_size=batch_size,
         )
+    output = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[config],
+        task_manager=TaskManager(include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=False,
+    )
     task_results = output["results"][config["task"]]
-    metrics = {name: float(task_results[f"{name},none"]) for name in ("word_perplexity", "byte_perplexity", "bits_per_byte")}
+    metrics = {
+        name: float(task_results[f"{name},none"])
+        for name in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+    }
 
     protocol = Protocol()
     prefix = prefix_token_id(tokenizer)

@@ -59,8 +59,9 @@ def _versions() -> dict[str, str | None]:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -71,14 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--data-dir", default=None, help="wiki.*.raw directory (default: $MXPTQ_DATA_DIR, else HF)")
+    parser.add_argument(
+        "--data-dir", default=None, help="wiki.*.raw directory (default: $MXPTQ_DATA_DIR, else HF)"
+    )
     parser.add_argument("--split", default="test", choices=["test", "validation"])
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="first N documents only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup-docs", type=int, default=2)
-    parser.add_argument("--recipe", default=None, help="quantize in memory with this recipe's RTN transform first")
+    parser.add_argument(
+        "--recipe", default=None, help="quantize in memory with this recipe's RTN transform first"
+    )
     parser.add_argument("--token-level", action="store_true", help="also time token-level perplexity")
     parser.add_argument("--lm-eval", action="store_true", help="also run lm-eval-harness itself once")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -88,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     from mxptq.evaluate import evaluate_lm_eval, token_perplexity, word_perplexity_native
     from mxptq.models import load_model
 
-    cfg = SimpleNamespace(name=args.model, dtype=args.dtype, device=args.device,
-                          attn_implementation=args.attn_implementation, trust_remote_code=False)
+    cfg = SimpleNamespace(
+        name=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        attn_implementation=args.attn_implementation,
+        trust_remote_code=False,
+    )
     (loaded, load_s) = _timed(torch.device("cpu"), lambda: load_model(cfg))
     model, tokenizer, info = loaded
     device = next(model.parameters()).device
@@ -120,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "native wikitext word perplexity (lm-eval protocol)",
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
         "git_commit": _git_commit(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "versions": _versions(),
         "model": info.to_dict() if hasattr(info, "to_dict") else str(info),
         "quantized_with": quantized_with,
@@ -139,17 +151,31 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     if args.token_level:
-        (token, token_s) = _timed(device, lambda: token_perplexity(
-            model, tokenizer, data.joined(args.split, n_documents=args.limit), args.max_length, args.batch_size))
+        (token, token_s) = _timed(
+            device,
+            lambda: token_perplexity(
+                model,
+                tokenizer,
+                data.joined(args.split, n_documents=args.limit),
+                args.max_length,
+                args.batch_size,
+            ),
+        )
         record["token_level"] = {"wall_s": token_s, "metrics": token}
     if args.lm_eval:
-        (reference, lm_eval_s) = _timed(device, lambda: evaluate_lm_eval(
-            model, tokenizer, data, args.split, args.max_length, args.batch_size, args.limit))
+        (reference, lm_eval_s) = _timed(
+            device,
+            lambda: evaluate_lm_eval(
+                model, tokenizer, data, args.split, args.max_length, args.batch_size, args.limit
+            ),
+        )
         record["lm_eval"] = {
             "wall_s": lm_eval_s,
             "metrics": reference,
-            "word_perplexity_relative_difference":
-                abs(result["word_perplexity"] - reference["word_perplexity"]) / reference["word_perplexity"],
+            "word_perplexity_relative_difference": abs(
+                result["word_perplexity"] - reference["word_perplexity"]
+            )
+            / reference["word_perplexity"],
         }
 
     out_dir = Path(args.out)

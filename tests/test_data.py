@@ -39,24 +39,24 @@ needs_data = pytest.mark.skipif(DATA_DIR is None, reason="local WikiText-2 raw f
 # Published figures (data README: sha256 of the zip's files, HF card num_examples / num_bytes,
 # GPTQ-style "\n\n" join, lm-eval document counts).
 EXPECTED = {
-    "test": dict(
-        raw_bytes=1_290_590,
-        raw_sha="173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
-        rows=4358,
-        hf_num_bytes=1_305_088,
-        joined_bytes=1_296_370,
-        joined_sha="696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83",
-        documents=62,
-    ),
-    "validation": dict(
-        raw_bytes=1_146_846,
-        raw_sha="4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
-        rows=3760,
-        hf_num_bytes=1_159_288,
-        joined_bytes=1_151_766,
-        joined_sha="b44fb967f92b525731216a507d1fbc44b97446b7ef0a2b4d1a893f81f1bbc29e",
-        documents=60,
-    ),
+    "test": {
+        "raw_bytes": 1_290_590,
+        "raw_sha": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+        "rows": 4358,
+        "hf_num_bytes": 1_305_088,
+        "joined_bytes": 1_296_370,
+        "joined_sha": "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83",
+        "documents": 62,
+    },
+    "validation": {
+        "raw_bytes": 1_146_846,
+        "raw_sha": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
+        "rows": 3760,
+        "hf_num_bytes": 1_159_288,
+        "joined_bytes": 1_151_766,
+        "joined_sha": "b44fb967f92b525731216a507d1fbc44b97446b7ef0a2b4d1a893f81f1bbc29e",
+        "documents": 60,
+    },
 }
 
 
@@ -127,7 +127,16 @@ def test_joined_with_n_documents_is_a_prefix(wikitext):
 
 def test_row_and_document_forms_on_a_hand_made_file():
     raw = " \n = A = \n \n a b \n = = S = = \n x \n = B = \n y \n"
-    assert rows_from_raw(raw) == ["", " = A = \n", "", " a b \n", " = = S = = \n", " x \n", " = B = \n", " y \n"]
+    assert rows_from_raw(raw) == [
+        "",
+        " = A = \n",
+        "",
+        " a b \n",
+        " = = S = = \n",
+        " x \n",
+        " = B = \n",
+        " y \n",
+    ]
     assert raw_from_rows(rows_from_raw(raw)) == raw
     # The leading blank page is dropped; a section heading does not start a page.
     assert documents_from_raw(raw) == [" = A = \n \n a b \n = = S = = \n x ", " = B = \n y \n"]

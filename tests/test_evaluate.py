@@ -33,6 +33,7 @@ from mxptq.evaluate import (
     word_perplexity_native,
 )
 
+
 def _find_data_dir() -> Path | None:
     candidates = [os.environ.get("MXPTQ_DATA_DIR")]
     candidates += [str(p / "shared" / "data" / "wikitext-2-raw-v1") for p in Path(__file__).resolve().parents]
@@ -75,7 +76,7 @@ def model(tiny_llama):
 # Short pages in the WikiText style (so the detokenizer has work), of different lengths so that
 # windows of several lengths share a padded batch.
 PAGES = [
-    " = Alpha = \n \n The 1 @,@ 000 @-@ year test ( of a , b ) is \" quoted \" . \n",
+    ' = Alpha = \n \n The 1 @,@ 000 @-@ year test ( of a , b ) is " quoted " . \n',
     " = Beta = \n \n Short . \n",
     " = Gamma = \n \n " + " ".join(f"word{i} ," for i in range(40)) + " end . \n = = Section = = \n x \n",
 ]
@@ -89,7 +90,9 @@ PAGES = [
 def test_fallback_detokenizer_equals_lm_eval_on_every_page(split):
     pages = WikiText(DATA_DIR).documents(split)
     for page in pages:
-        assert fallback_wikitext_detokenizer({"page": page}) == preprocess_wikitext.wikitext_detokenizer({"page": page})
+        assert fallback_wikitext_detokenizer({"page": page}) == preprocess_wikitext.wikitext_detokenizer(
+            {"page": page}
+        )
 
 
 @given(st.text(alphabet=st.sampled_from(list(" s'@-,.:;!?()[]{}\"=\nN°0123x")), max_size=80))
@@ -111,7 +114,9 @@ def test_fallback_rolling_windows_equal_lm_eval(n_tokens, max_seq_len, context_f
     ours = list(fallback_rolling_token_windows(tokens, 7, max_seq_len, context_len))
     theirs = list(lm_eval_utils.get_rolling_token_windows(tokens, 7, max_seq_len, context_len))
     assert ours == theirs
-    assert [fallback_make_disjoint_window(w) for w in ours] == [lm_eval_utils.make_disjoint_window(w) for w in theirs]
+    assert [fallback_make_disjoint_window(w) for w in ours] == [
+        lm_eval_utils.make_disjoint_window(w) for w in theirs
+    ]
 
 
 @pytest.mark.parametrize("prefer_lm_eval", [True, False])
@@ -169,8 +174,9 @@ def test_native_word_perplexity_equals_unbatched_reference(model, tokenizer):
         assert result["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)
     assert result["n_documents"] == 3
     assert result["n_words"] == sum(len(re.split(r"\s+", p)) for p in PAGES)
-    assert result["n_tokens"] == sum(len(tokenizer.encode(preprocess_wikitext.wikitext_detokenizer({"page": p})))
-                                     for p in PAGES)
+    assert result["n_tokens"] == sum(
+        len(tokenizer.encode(preprocess_wikitext.wikitext_detokenizer({"page": p}))) for p in PAGES
+    )
     protocol = result["protocol"]
     assert protocol["backend"] == "native" and protocol["max_length"] == max_length
     assert protocol["dtype"] == "float32" and protocol["prefix_token_id"] == 256
@@ -179,15 +185,17 @@ def test_native_word_perplexity_equals_unbatched_reference(model, tokenizer):
 
 def test_fallback_protocol_gives_the_same_numbers(model, tokenizer):
     with_lm_eval = word_perplexity_native(model, tokenizer, PAGES, max_length=32, batch_size=4)
-    fallback = word_perplexity_native(model, tokenizer, PAGES, max_length=32, batch_size=4,
-                                      protocol=Protocol(prefer_lm_eval=False))
+    fallback = word_perplexity_native(
+        model, tokenizer, PAGES, max_length=32, batch_size=4, protocol=Protocol(prefer_lm_eval=False)
+    )
     assert fallback["word_perplexity"] == pytest.approx(with_lm_eval["word_perplexity"], rel=1e-12)
     assert "fallback" in fallback["protocol"]["detokenizer"]
 
 
 def test_native_equals_lm_eval_on_a_tiny_model(model, tokenizer, tmp_path):
-    (tmp_path / "wiki.test.raw").write_text("".join(p if p.endswith("\n") else p + "\n" for p in PAGES),
-                                            encoding="utf-8")
+    (tmp_path / "wiki.test.raw").write_text(
+        "".join(p if p.endswith("\n") else p + "\n" for p in PAGES), encoding="utf-8"
+    )
     data = WikiText(tmp_path)
     pages = data.documents("test")
     assert len(pages) == 3
@@ -254,13 +262,21 @@ def test_evaluate_wikitext_errors(model, tokenizer, tmp_path):
 
 
 def test_evaluate_wikitext_report_fields(model, tokenizer, tmp_path):
-    (tmp_path / "wiki.test.raw").write_text("".join(p if p.endswith("\n") else p + "\n" for p in PAGES) * 3,
-                                            encoding="utf-8")
+    (tmp_path / "wiki.test.raw").write_text(
+        "".join(p if p.endswith("\n") else p + "\n" for p in PAGES) * 3, encoding="utf-8"
+    )
     data = WikiText(tmp_path)
     result = evaluate_wikitext(model, tokenizer, data, split="test", max_length=64, batch_size=4, limit=2)
     assert result["n_documents"] == 2
-    assert set(result) >= {"word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity",
-                           "n_documents", "n_tokens", "protocol"}
+    assert set(result) >= {
+        "word_perplexity",
+        "byte_perplexity",
+        "bits_per_byte",
+        "token_perplexity",
+        "n_documents",
+        "n_tokens",
+        "protocol",
+    }
     assert result["protocol"]["split"] == "test" and result["protocol"]["limit"] == 2
     assert result["token_perplexity"] is not None and result["token_perplexity"] > 1
 
@@ -274,11 +290,15 @@ def test_demo_model_native_matches_lm_eval_on_three_test_documents(demo_model):
     model, tokenizer, _info = demo_model
     data = WikiText(DATA_DIR)
     max_length = 2048
-    native = word_perplexity_native(model, tokenizer, data.documents("test")[:3], max_length=max_length, batch_size=2)
+    native = word_perplexity_native(
+        model, tokenizer, data.documents("test")[:3], max_length=max_length, batch_size=2
+    )
     reference = evaluate_lm_eval(model, tokenizer, data, "test", max_length=max_length, batch_size=2, limit=3)
     relative = abs(native["word_perplexity"] - reference["word_perplexity"]) / reference["word_perplexity"]
-    print(f"\ndemo 3 docs fp32 max_length={max_length}: native word_ppl={native['word_perplexity']:.8f} "
-          f"lm-eval word_ppl={reference['word_perplexity']:.8f} relative difference={relative:.3e}")
+    print(
+        f"\ndemo 3 docs fp32 max_length={max_length}: native word_ppl={native['word_perplexity']:.8f} "
+        f"lm-eval word_ppl={reference['word_perplexity']:.8f} relative difference={relative:.3e}"
+    )
     assert relative <= 1e-4
     assert native["byte_perplexity"] == pytest.approx(reference["byte_perplexity"], rel=1e-5)
     assert native["n_documents"] == reference["n_documents"] == 3
