@@ -51,6 +51,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Help texts name TOML tables like [gptq]; rich markup would swallow them as tags.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -154,6 +156,7 @@ def _run(
     no_progress: bool,
     force: bool,
     checkpoint: Path | None = None,
+    run_options: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> None:
     # eval-ppl --checkpoint without a RECIPE: the pipeline uses the checkpoint's stored recipe
@@ -162,7 +165,7 @@ def _run(
     function = _pipeline_function(command, function_name)
     options = RunOptions(
         quiet=quiet, progress=not (quiet or no_progress), force=force, checkpoint=checkpoint,
-        overrides=_given(overrides), command=command, argv=tuple(sys.argv[1:]),
+        overrides=_given(overrides), command=command, argv=tuple(sys.argv[1:]), **(run_options or {}),
     )
     with progress_policy(quiet=quiet, no_progress=no_progress):
         result = function(recipe, options)
@@ -186,11 +189,19 @@ def quantize(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     no_progress: NoProgressOpt = False,
+    no_fp_eval: Annotated[
+        bool, typer.Option("--no-fp-eval", help="Skip the unquantized baseline evaluation (the report then "
+                           "holds only the quantized model's metrics).")
+    ] = False,
+    no_eval: Annotated[
+        bool, typer.Option("--no-eval", help="Skip every evaluation: quantize, save, report.")
+    ] = False,
 ) -> None:
     """Run the recipe end to end: [gptq] if present, MX transform (RTN), [rotation_search] if
-    present, save the checkpoint, evaluate perplexity, write report.json."""
+    present, save the checkpoint, evaluate perplexity (unquantized and quantized), write report.json."""
     _run("quantize", "run_quantize", recipe, quiet=quiet, no_progress=no_progress, force=force, model=model,
-         device=device, dtype=dtype, out=out, data_dir=data_dir, limit=limit)
+         device=device, dtype=dtype, out=out, data_dir=data_dir, limit=limit,
+         run_options={"eval_fp": not (no_fp_eval or no_eval), "evaluate": not no_eval})
 
 
 @app.command()

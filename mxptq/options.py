@@ -26,6 +26,8 @@ class RunOptions:
     overrides: the recipe-valued flags given on the command line ({"limit": 40, ...}, the
         keyword arguments of Recipe.with_overrides); already applied to the recipe passed to the
         pipeline, kept here for a recipe loaded later (a checkpoint's stored recipe).
+    eval_fp: quantize only: also evaluate the unquantized model first (--no-fp-eval turns it off).
+    evaluate: quantize only: evaluate at all (--no-eval turns every evaluation off).
     command: the CLI command that built these options ("quantize", "gptq", ...), for reports.
     argv: the command line, for reports.
     """
@@ -33,6 +35,8 @@ class RunOptions:
     quiet: bool = False
     progress: bool = True
     force: bool = False
+    eval_fp: bool = True
+    evaluate: bool = True
     checkpoint: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     command: str = ""

@@ -55,7 +55,7 @@ def _open(recipe: Recipe, opts: RunOptions, command: str) -> tuple[Any, RunConte
     }
     ctx = RunContext(
         tokenizer=tokenizer, data=data, device=report.device, report=report,
-        model_info=info, force=getattr(opts, "force", False), progress=opts.progress and not opts.quiet,
+        model_info=info, force=opts.force, progress=opts.progress and not opts.quiet,
     )
     return model, ctx
 
@@ -119,7 +119,7 @@ def run_quantize(recipe: Recipe, opts: RunOptions) -> RunResult:
     """`mxptq quantize`: the whole pipeline; writes <out>/report.json and <out>/checkpoint/."""
     model, ctx = _open(recipe, opts, "quantize")
     out_dir = recipe.output_dir
-    if getattr(opts, "eval_fp", True):
+    if opts.eval_fp and opts.evaluate:
         model.to(ctx.device)
         _evaluate(model, recipe, ctx, "fp")
     model = _quantize_in_memory(model, recipe, ctx)
@@ -133,7 +133,7 @@ def run_quantize(recipe: Recipe, opts: RunOptions) -> RunResult:
                 rotation_decisions=ctx.report.data.get("rotation"),
             )
         ctx.report["checkpoint"] = summary.to_dict()
-    metrics = _evaluate(model, recipe, ctx, "quantized") if getattr(opts, "evaluate", True) else None
+    metrics = _evaluate(model, recipe, ctx, "quantized") if opts.evaluate else None
     return _finish(ctx, out_dir, metrics)
 
 
@@ -186,7 +186,7 @@ def _eval_checkpoint(recipe: Recipe | None, opts: RunOptions) -> RunResult:
 
     stored = load_recipe_of_checkpoint(opts.checkpoint)
     # Flags given on the command line (data dir, limit, device...) win over the stored recipe.
-    recipe = stored.with_overrides(**getattr(opts, "overrides", {}))
+    recipe = stored.with_overrides(**opts.overrides)
     report = Report("eval-ppl", device=_requested_device(recipe.model.device))
     report["argv"] = list(opts.argv)
     report["recipe_name"] = recipe.name
