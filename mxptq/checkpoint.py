@@ -50,6 +50,7 @@ from torch import nn
 
 from mxptq import __version__
 from mxptq.errors import CheckpointError
+from mxptq.io import fsync_dir
 
 #: Name written in manifest.json["format"]; a directory whose manifest lacks it is not ours.
 CHECKPOINT_FORMAT = "mxptq-packed-mx"
@@ -892,7 +893,7 @@ def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
             os.replace(old_dir / "checkpoint", out_dir)
             shutil.rmtree(old_dir, ignore_errors=True)
         raise
-    _fsync_path(out_dir.parent)
+    fsync_dir(out_dir.parent)
     if old_dir is not None:
         shutil.rmtree(old_dir, ignore_errors=True)
 
@@ -902,14 +903,6 @@ def _fsync_tree(directory: Path) -> None:
         if file_path.is_file():
             with open(file_path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_path(directory)
+    fsync_dir(directory)
 
 
-def _fsync_path(directory: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

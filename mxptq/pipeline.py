@@ -194,7 +194,7 @@ def _eval_checkpoint(recipe: Recipe | None, opts: RunOptions) -> RunResult:
     report["recipe_sha256"] = recipe.sha256
     with report.stage("load"):
         model, tokenizer, meta = load_quantized(opts.checkpoint, device=report.device)
-    report["checkpoint"] = {"dir": str(opts.checkpoint), **getattr(meta, "to_dict", lambda: {})()}
+    report["checkpoint"] = {"dir": str(opts.checkpoint), **meta.to_dict()}
     data = WikiText(recipe.data.dir)
     ctx = RunContext(tokenizer=tokenizer, data=data, device=report.device, report=report,
                      progress=opts.progress and not opts.quiet)

@@ -28,7 +28,8 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -43,24 +44,24 @@ def _git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5,
+            capture_output=True, text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _library_versions() -> dict[str, str]:
+def _library_versions() -> dict[str, str | None]:
     import transformers
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__}
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         versions["lm_eval"] = version("lm_eval")
-    except Exception:  # lm-eval is optional at run time; its absence is not an error here
-        pass
+    except PackageNotFoundError:  # lm-eval is optional at run time (the GPU box lacks it)
+        versions["lm_eval"] = None
     return versions
 
 
@@ -81,7 +82,7 @@ class Report:
             "mxptq_version": __version__,
             "git_commit": _git_commit(),
             "command": command,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "device": device_description(self.device),
             "versions": _library_versions(),
             "stages": {},
