@@ -252,7 +252,8 @@ def eval_ppl(
         Path | None, typer.Option("--checkpoint", help="Evaluate a saved MX checkpoint directory.")
     ] = None,
     backend: Annotated[
-        str | None, typer.Option("--backend", help="native or lm-eval. Overrides [eval].backend.")
+        str | None, typer.Option("--backend", help="native, lm-eval, or both (native metrics, with lm-eval's "
+                     "and their relative difference also in the report). Overrides [eval].backend.")
     ] = None,
     max_length: Annotated[
         int | None, typer.Option("--max-length", help="Window length in tokens. Overrides [eval].max_length.")

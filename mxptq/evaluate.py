@@ -39,8 +39,14 @@ from mxptq.data import WikiText, tokenize_joined
 from mxptq.errors import DataError
 
 TASK_NAME = "wikitext"
-BACKENDS = ("native", "lm-eval")
+# "both": the native evaluator's numbers are the metrics; lm-eval's are recorded beside them with
+# their relative difference (issue 5: "the report records both").
+BACKENDS = ("native", "lm-eval", "both")
 LOG_SOFTMAX_DTYPE = torch.float32
+# DESIGN.md "Evaluation": the native evaluator must match lm-eval to a relative difference <= 1e-4
+# (on float32 models; lm-eval rounds a float16 model's log-softmax, see the module docstring).
+AGREEMENT_TOLERANCE = 1e-4
+LM_EVAL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +577,13 @@ def evaluate_wikitext(
     token_level: bool = True,
 ) -> dict[str, Any]:
     """Word perplexity (lm-eval `wikitext` protocol) by `backend`, plus token-level perplexity of
-    the joined split when `token_level`. Returns the report's metrics dict."""
+    the joined split when `token_level`. Returns the report's metrics dict.
+
+    backend: "native" (mxptq's evaluator), "lm-eval" (lm-eval-harness itself), or "both": the
+    native numbers are the metrics, lm-eval's word/byte perplexity and bits per byte go under
+    "lm_eval" (with their protocol), and "agreement" holds the relative differences
+    (`<metric>_rel_diff`, relative to lm-eval), the tolerance and whether word perplexity is
+    within it. "both" costs two full evaluations."""
     if backend not in BACKENDS:
         raise DataError(f"unknown eval backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     check_max_length(model, max_length)
@@ -585,6 +597,15 @@ def evaluate_wikitext(
             pages = pages[:limit]
         result = word_perplexity_native(model, tokenizer, pages, max_length, batch_size)
         result["protocol"]["data"] = data.source
+    if backend == "both":
+        reference = evaluate_lm_eval(model, tokenizer, data, split, max_length, batch_size, limit)
+        result["lm_eval"] = {
+            **{name: reference[name] for name in LM_EVAL_METRICS},
+            "n_documents": reference["n_documents"],
+            "n_tokens": reference["n_tokens"],
+            "protocol": reference["protocol"],
+        }
+        result["agreement"] = backend_agreement(result, reference)
     result["protocol"]["split"] = split
     result["protocol"]["limit"] = limit
     if token_level:
@@ -600,3 +621,20 @@ def evaluate_wikitext(
             result["token_perplexity"] = token["token_perplexity"]
             result["protocol"]["token_perplexity"] = token["protocol"] | {"n_windows": token["n_windows"]}
     return result
+
+
+def backend_agreement(native: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Relative differences |native - lm-eval| / lm-eval of the three lm-eval metrics, and whether
+    word perplexity is within DESIGN.md's tolerance."""
+    agreement: dict[str, Any] = {
+        f"{name}_rel_diff": abs(native[name] - reference[name]) / abs(reference[name]) for name in LM_EVAL_METRICS
+    }
+    agreement["tolerance"] = AGREEMENT_TOLERANCE
+    agreement["within_tolerance"] = agreement["word_perplexity_rel_diff"] <= AGREEMENT_TOLERANCE
+    dtype = native["protocol"]["dtype"]
+    if dtype != "float32":
+        agreement["note"] = (
+            f"model dtype {dtype}: lm-eval takes the log-softmax in {dtype} and the native evaluator "
+            "in float32, so differences above the tolerance are expected; compare on float32"
+        )
+    return agreement

@@ -259,7 +259,7 @@ class EvalConfig(_Table):
     max_length: Annotated[StrictInt, Field(ge=2)] = 2048
     batch_size: PositiveInt = 8
     limit: PositiveInt | None = None
-    backend: Literal["native", "lm-eval"] = "native"
+    backend: Literal["native", "lm-eval", "both"] = "native"  # both: native metrics + lm-eval's, compared
     dtype: Dtype | None = None  # None = [model].dtype
 
 

@@ -35,7 +35,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def time_op(fn, warmup: int, iters: int) -> float:
-    """Median seconds per call (CUDA events)."""
+    """Median seconds per call, eager (CUDA events around each call): includes the host's
+    dispatch cost whenever that is longer than the kernel."""
     for _ in range(warmup):
         fn()
     times = []
@@ -49,28 +50,61 @@ def time_op(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def time_device(fn, inputs: list, iters: int, inner: int = 10) -> float:
+    """Median device seconds per call: `inner` calls captured in one CUDA graph (cycling over
+    `inputs`, several copies of x so that the footprint exceeds L2), replayed `iters` times."""
+    fn(inputs[0])
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(inputs[0])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for k in range(inner):
+            fn(inputs[k % len(inputs)])
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    del graph
+    return statistics.median(times)
+
+
 def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: dict, args) -> list[dict]:
-    """All ops on one activation tensor x = [8, 2048, n]; rows for the table."""
+    """All ops on one activation tensor x = [8, 2048, n]; rows for the table. `time` is device
+    time (CUDA graph); `eager` the per-call time with host dispatch."""
     rows: list[dict] = []
     nbytes = 2 * x.numel() * x.element_size()
-    copy_s = time_op(lambda: x.clone(), args.warmup, args.iters)
+    copies = max(1, min(8, -(-(256 << 20) // (x.numel() * x.element_size()))))
+    inputs = [x] + [x.clone() for _ in range(copies - 1)]
+    copy_s = time_device(lambda t: t.clone(), inputs, args.iters)
     copy_bw = nbytes / copy_s
 
-    def record(op: str, fmt_name: str, seconds: float | None, note: str = "") -> None:
+    def record(op: str, fmt_name: str, seconds: float | None, note: str = "", eager: float | None = None) -> None:
         bw = nbytes / seconds if seconds else None
         rows.append(dict(n=n, dtype=dtype_name, format=fmt_name, op=op,
                          time_us=None if seconds is None else seconds * 1e6,
+                         eager_us=None if eager is None else eager * 1e6,
                          gbps=None if bw is None else bw / 1e9,
                          pct_of_copy=None if bw is None else 100 * bw / copy_bw, note=note))
 
-    record("copy (x.clone)", "-", copy_s)
+    record("copy (x.clone)", "-", copy_s, eager=time_op(lambda: x.clone(), args.warmup, args.iters))
     for fmt_name in args.formats.split(","):
         fmt = FORMATS[fmt_name]
         ref = quantize_reference(x, fmt)
         got = kernels.try_quantize(x, fmt)
         exact = got is not None and torch.equal(got, ref)
-        record("kernel", fmt_name, time_op(lambda f=fmt: kernels.try_quantize(x, f), args.warmup, args.iters),
-               "bit-exact" if exact else "MISMATCH vs reference")
+        record("kernel", fmt_name, time_device(lambda t, f=fmt: kernels.try_quantize(t, f), inputs, args.iters),
+               "bit-exact" if exact else "MISMATCH vs reference",
+               eager=time_op(lambda f=fmt: kernels.try_quantize(x, f), args.warmup, args.iters))
         rotated = kernels.try_rotated_quantize(x, fmt, rotation)
         if rotated is None:
             record("rotated kernel", fmt_name, None, f"not covered ({rotation.description})")
@@ -78,24 +112,55 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
             ref_rot = rotation.inverse(quantize_reference(rotation.forward(x), fmt))
             diff = (rotated.float() - ref_rot.float()).abs()
             record("rotated kernel", fmt_name,
-                   time_op(lambda f=fmt: kernels.try_rotated_quantize(x, f, rotation), args.warmup, args.iters),
+                   time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs, args.iters),
                    f"{rotation.description}; {100 * float((diff > 0).float().mean()):.3f}% elems differ "
-                   f"from reference, max |diff| {float(diff.max()):.3g}")
+                   f"from reference, max |diff| {float(diff.max()):.3g}",
+                   eager=time_op(lambda f=fmt: kernels.try_rotated_quantize(x, f, rotation), args.warmup, args.iters))
             del ref_rot, diff
         if not args.no_reference:
-            record("torch reference", fmt_name,
-                   time_op(lambda f=fmt: quantize_reference(x, f), 2, max(3, args.iters // 5)))
-            record("rotated torch reference", fmt_name,
-                   time_op(lambda f=fmt: rotation.inverse(quantize_reference(rotation.forward(x), f)),
-                           2, max(3, args.iters // 5)))
+            record("torch reference", fmt_name, None, "eager time only",
+                   eager=time_op(lambda f=fmt: quantize_reference(x, f), 2, max(3, args.iters // 5)))
+            record("rotated torch reference", fmt_name, None, "eager time only",
+                   eager=time_op(lambda f=fmt: rotation.inverse(quantize_reference(rotation.forward(x), f)),
+                                 2, max(3, args.iters // 5)))
         if compiled:
             try:
                 fn = compiled[fmt_name]
-                record("torch.compile reference", fmt_name, time_op(lambda g=fn: g(x), 3, args.iters))
+                record("torch.compile reference", fmt_name, time_device(lambda t, g=fn: g(t), inputs, args.iters),
+                       eager=time_op(lambda g=fn: g(x), 3, args.iters))
             except Exception as exc:  # noqa: BLE001 - record it and go on: the table is still useful
                 record("torch.compile reference", fmt_name, None, f"failed: {type(exc).__name__}: {exc}"[:200])
         del ref, got
     return rows
+
+
+def sweep(args) -> None:
+    """Tile / warp / split settings of the kernels, device time only, printed as a table."""
+    import itertools
+
+    from mxptq.nn.hadamard import get_rotation
+
+    print("| n | dtype | format | setting | time (us) | % of copy |")
+    for n, dtype_name in itertools.product([int(s) for s in args.sizes.split(",")], args.dtypes.split(",")):
+        x = torch.randn(8, 2048, n, device="cuda", dtype=DTYPES[dtype_name])
+        copies = max(1, min(8, -(-(256 << 20) // (x.numel() * x.element_size()))))
+        inputs = [x] + [x.clone() for _ in range(copies - 1)]
+        copy_s = time_device(lambda t: t.clone(), inputs, args.iters)
+        for fmt_name in args.formats.split(","):
+            fmt = FORMATS[fmt_name]
+            for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
+                kernels.PLAIN_TILE_ELEMENTS, kernels.PLAIN_NUM_WARPS = tile, warps
+                t = time_device(lambda v, f=fmt: kernels.try_quantize(v, f), inputs, args.iters)
+                print(f"| {n} | {dtype_name} | {fmt_name} | plain tile={tile} warps={warps} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |")
+            for split in (3, 2):
+                kernels.ROTATION_MID_SPLIT = split
+                rot = get_rotation(n, block_size=32)
+                t = time_device(lambda v, f=fmt: kernels.try_rotated_quantize(v, f, rot), inputs, args.iters)
+                print(f"| {n} | {dtype_name} | {fmt_name} | rotated split={split} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |")
+            kernels.ROTATION_MID_SPLIT = 3
+        kernels.PLAIN_TILE_ELEMENTS, kernels.PLAIN_NUM_WARPS = 4096, 4
+        del x, inputs
+        torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -108,6 +173,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
+    ap.add_argument("--sweep", action="store_true", help="only time kernel settings (tile, warps, split)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA device", file=sys.stderr)
@@ -115,6 +181,10 @@ def main() -> int:
     import triton
 
     from mxptq.nn.hadamard import get_rotation
+
+    if args.sweep:
+        sweep(args)
+        return 0
 
     device = torch.device("cuda")
     # dynamic=True: one compile per (format, dtype) serves every size (keeps the run short).
@@ -138,19 +208,21 @@ def main() -> int:
         cuda=torch.version.cuda, python=platform.python_version(),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         shape="[8, 2048, n]", bytes_per_op="2 * numel * element_size (one read + one write)",
-        timing=f"CUDA events, {args.warmup} warmup, median of {args.iters} (reference: median of {max(3, args.iters // 5)})",
-        wall_s=round(time.time() - t_start, 1),
+        timing=(f"time: device time per call, CUDA graph of 10 calls cycling over copies of x (>= 256 MiB "
+                f"footprint), median of {args.iters} replays; eager: CUDA events around one call incl. host "
+                f"dispatch, {args.warmup} warmup, median of {args.iters} (torch reference: of {max(3, args.iters // 5)})"),
+        wall_s=round(time.time() - t_start, 1), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_kernels.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# MX kernel bandwidth on {meta['device']}", "",
              *[f"- {k}: `{v}`" for k, v in meta.items() if k != "device"], "",
-             "| n | dtype | format | op | time (us) | GB/s | % of copy | note |",
-             "|---|---|---|---|---:|---:|---:|---|"]
+             "| n | dtype | format | op | time (us) | GB/s | % of copy | eager (us) | note |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         fmt_num = (lambda v, spec: "-" if v is None else format(v, spec))
         lines.append(f"| {r['n']} | {r['dtype']} | {r['format']} | {r['op']} | {fmt_num(r['time_us'], '.1f')} | "
-                     f"{fmt_num(r['gbps'], '.0f')} | {fmt_num(r['pct_of_copy'], '.0f')} | {r['note']} |")
+                     f"{fmt_num(r['gbps'], '.0f')} | {fmt_num(r['pct_of_copy'], '.0f')} | {fmt_num(r['eager_us'], '.1f')} | {r['note']} |")
     (args.out / "bench_kernels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -23,6 +23,7 @@ from `benchmarks/` at any time. A benchmark helper, not a test (STYLE.md rule 12
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -207,9 +208,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def _table(header: list[str], rows: list[list[str]], numeric: set[str] = frozenset()) -> list[str]:
+    """A markdown table; the `numeric` columns are right-aligned."""
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+             "|" + "|".join("---:" if name in numeric else "---" for name in header) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return lines
 
@@ -293,7 +295,7 @@ def ordering_check(runs: list[Run], series: str) -> str | None:
     if fp is None or any(step not in points for step in STEPS):
         return None
     chain = [("fp", fp), ("C", points["C"]), ("B", points["B"]), ("A", points["A"])]
-    holds = all(a[1] < b[1] for a, b in zip(chain, chain[1:]))
+    holds = all(a[1] < b[1] for a, b in itertools.pairwise(chain))
     text = " < ".join(f"{name} {value:.2f}" for name, value in chain)
     return f"{series}: {text}: {'holds' if holds else 'does NOT hold'}"
 
@@ -311,13 +313,14 @@ def progression_time(runs: list[Run], series: str) -> str | None:
 
 
 def markdown(runs: list[Run]) -> str:
-    lines = ["Word perplexity: lm-eval `wikitext` protocol on the WikiText-2 test split (see each report's "
-             "`metrics.*.protocol`). Times in seconds; \"stages total\" is the sum of the report's "
-             "stages (loading and every evaluation included), \"process\" the run's wall time from "
-             "`timings.tsv` (adds Python start-up). Peak memory: the largest "
-             "`torch.cuda.max_memory_allocated` over the stages on CUDA, else the host's peak RSS.",
+    lines = [("Word perplexity: lm-eval `wikitext` protocol on the WikiText-2 test split (see each report's "
+              "`metrics.*.protocol`). Times in seconds; \"stages total\" is the sum of the report's "
+              "stages (loading and every evaluation included), \"process\" the run's wall time from "
+              "`timings.tsv` (adds Python start-up). Peak memory: the largest "
+              "`torch.cuda.max_memory_allocated` over the stages on CUDA, else the host's peak RSS."),
              ""]
-    lines += _table(*results_rows(runs))
+    header, rows = results_rows(runs)
+    lines += _table(header, rows, numeric={h for h in header if h.endswith((" s", " ppl", " GiB"))})
     lines += ["", "Runs:", ""]
     lines += _table(*details_rows(runs))
     checks = [c for c in (ordering_check(runs, MXINT4), ordering_check(runs, MXFP4)) if c]
@@ -330,8 +333,8 @@ def markdown(runs: list[Run]) -> str:
     rules = {run.config: run.word_ppl for run in runs if run.config in ("tutorial_a_rtn", "tutorial_a_symmetric")}
     if None not in rules.values() and len(rules) == 2:
         ratio = rules["tutorial_a_symmetric"] / rules["tutorial_a_rtn"]
-        lines += [f"- MXINT4 scale rule, config A: tutorial {rules['tutorial_a_rtn']:.2f}, symmetric "
-                  f"{rules['tutorial_a_symmetric']:.2f} ({ratio:.2f}x)"]
+        lines += [(f"- MXINT4 scale rule, config A: tutorial {rules['tutorial_a_rtn']:.2f}, symmetric "
+                   f"{rules['tutorial_a_symmetric']:.2f} ({ratio:.2f}x)")]
     return "\n".join(lines) + "\n"
 
 
@@ -354,10 +357,11 @@ def plot(runs: list[Run], path: Path) -> None:
 
     matplotlib.use("Agg")  # no display on batch nodes
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     x = {step: i for i, step in enumerate(STEPS)}
-    styles = {MXINT4: dict(marker="o", color="tab:blue"), MXFP4: dict(marker="s", color="tab:orange")}
+    styles = {MXINT4: {"marker": "o", "color": "tab:blue"}, MXFP4: {"marker": "s", "color": "tab:orange"}}
     for series, style in styles.items():
         points = series_points(runs, series)
         if not points:
@@ -380,6 +384,10 @@ def plot(runs: list[Run], path: Path) -> None:
         ax.axhline(fp, color="gray", linestyle="--", linewidth=1.5,
                    label=f"unquantized{f' ({dtype})' if dtype else ''}: {fp:.2f}")
     ax.set_yscale("log")
+    # Plain numbers on the log axis (10^2 style labels hide the values readers compare).
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xticks(range(len(STEPS)), [STEP_LABELS[s] for s in STEPS])
     ax.set_xlim(-0.4, len(STEPS) - 0.4)
     ax.set_ylabel("WikiText-2 word perplexity (log scale)")

@@ -2,7 +2,8 @@
 # Reproduce the tutorial's progression (RTN -> GPTQ -> rotation search) and publish the table.
 #
 #   bash scripts/reproduce_tutorial.sh [--model M] [--out DIR] [--limit N] [--device D]
-#        [--configs a,b,...] [--resume] [--bundle FILE.tar.gz] [--dry-run] [extra mxptq flags]
+#        [--configs a,b,...] [--recipe-dir DIR] [--resume] [--bundle FILE.tar.gz] [--dry-run]
+#        [extra mxptq flags]
 #
 # Runs, in this order, each into DIR/<config>/report.json (+ DIR/<config>/checkpoint/):
 #   fp                    `mxptq eval-ppl --model M`: the unquantized model (dtype auto: fp16 on
@@ -31,6 +32,8 @@
 #                    default: the full test split
 #   --device D       auto | cpu | cuda | cuda:N (default: mxptq's auto)
 #   --configs LIST   comma-separated subset of the configs above, run in the order above
+#   --recipe-dir D   read <config>.toml from D instead of this checkout's recipes/ (variants of
+#                    the progression, e.g. fewer calibration samples for a CI smoke run)
 #   --resume         skip a config whose DIR/<config>/report.json already exists
 #   --bundle FILE    finally write FILE (.tar.gz) with the reports, summary.md, table.md,
 #                    progression.png, timings.tsv and rotation caches -- no checkpoints
@@ -55,6 +58,7 @@ OUT_DIR=reproduce_output
 LIMIT=""
 DEVICE=""
 CONFIGS=""
+RECIPE_DIR="$REPO/recipes"
 RESUME=0
 BUNDLE=""
 DRY_RUN=0
@@ -62,10 +66,10 @@ EXTRA=()
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
-    --model|--out|--limit|--device|--configs|--bundle|--data-dir)
-      [ $# -ge 2 ] || die "$1 needs a value"
+    --model|--out|--limit|--device|--configs|--recipe-dir|--bundle|--data-dir)
+      [ $# -ge 2 ] && [ "${2#--}" = "$2" ] || die "$1 needs a value"
       opt=$1; val=$2; shift 2 ;;
-    --model=*|--out=*|--limit=*|--device=*|--configs=*|--bundle=*|--data-dir=*)
+    --model=*|--out=*|--limit=*|--device=*|--configs=*|--recipe-dir=*|--bundle=*|--data-dir=*)
       opt=${1%%=*}; val=${1#*=}; shift ;;
     --resume) RESUME=1; shift; continue ;;
     --dry-run) DRY_RUN=1; shift; continue ;;
@@ -77,6 +81,7 @@ while [ $# -gt 0 ]; do
     --limit) LIMIT=$val ;;
     --device) DEVICE=$val ;;
     --configs) CONFIGS=$val ;;
+    --recipe-dir) RECIPE_DIR=$(absolute "$val") ;;
     --bundle) BUNDLE=$(absolute "$val") ;;
     --data-dir) EXTRA+=(--data-dir "$(absolute "$val")") ;;
   esac
@@ -99,6 +104,10 @@ else
   done
   [ ${#SELECTED[@]} -gt 0 ] || die "--configs: no config named; allowed: $(IFS=,; echo "${ALL_CONFIGS[*]}")"
 fi
+
+for name in "${SELECTED[@]}"; do
+  [ "$name" = fp ] || [ -f "$RECIPE_DIR/$name.toml" ] || die "recipe $RECIPE_DIR/$name.toml not found"
+done
 
 # A local model directory or .gguf file is given relative to where the script was called.
 if [ -e "$MODEL" ]; then MODEL=$(absolute "$MODEL"); fi
@@ -126,7 +135,7 @@ command_for() {  # config name -> the mxptq command line (as words in CMD)
   if [ "$name" = fp ]; then
     CMD=("$PYTHON" -m mxptq eval-ppl "${COMMON[@]}" --out "$OUT_DIR/$name")
   else
-    CMD=("$PYTHON" -m mxptq quantize "$REPO/recipes/$name.toml" "${COMMON[@]}" --out "$OUT_DIR/$name"
+    CMD=("$PYTHON" -m mxptq quantize "$RECIPE_DIR/$name.toml" "${COMMON[@]}" --out "$OUT_DIR/$name"
          ${NO_FP_EVAL[@]+"${NO_FP_EVAL[@]}"})
   fi
 }

@@ -138,6 +138,7 @@ def _fake_quantize_blocks(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
 IO_FP32 = 0
 IO_FP16 = 1
 IO_BF16 = 2  # passed as int16 views and converted with bit operations (see _load_f32)
+# (IO_BF16_NATIVE = 3, defined below: bf16 as bf16, for compiled GPU code)
 
 
 @triton.jit
@@ -145,11 +146,7 @@ def _load_f32(ptr, offsets, mask, IO: tl.constexpr):
     """Load activations as fp32. bf16 -> fp32 is a 16-bit left shift of the bit pattern (exact,
     subnormals included); we do it by hand because Triton's CPU interpreter flushes bf16
     subnormals, and on the GPU it costs the same."""
-    if IO == 2:
-        bits = tl.load(ptr + offsets, mask=mask, other=0).to(tl.int32) & 0xFFFF
-        return (bits << 16).to(tl.float32, bitcast=True)
-    else:
-        return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return _load_f32_fast(ptr + offsets, mask, IO)
 
 
 @triton.jit
@@ -167,6 +164,8 @@ def _round_through_io(v, IO: tl.constexpr):
     """v (fp32) rounded to the activation dtype and back: what a torch `.to(dtype)` does."""
     if IO == 2:
         return (_bf16_bits(v) << 16).to(tl.float32, bitcast=True)
+    elif IO == 3:
+        return v.to(tl.bfloat16).to(tl.float32)
     elif IO == 1:
         return v.to(tl.float16).to(tl.float32)
     else:
@@ -175,10 +174,7 @@ def _round_through_io(v, IO: tl.constexpr):
 
 @triton.jit
 def _store_f32(ptr, offsets, v, mask, IO: tl.constexpr):
-    if IO == 2:
-        tl.store(ptr + offsets, _bf16_bits(v).to(tl.int16), mask=mask)
-    else:
-        tl.store(ptr + offsets, v.to(ptr.dtype.element_ty), mask=mask)
+    _store_f32_fast(ptr + offsets, v, mask, IO)
 
 
 @triton.jit
@@ -210,48 +206,176 @@ def mx_fake_quantize_kernel(
         offsets = row[:, None] * row_len + col
         mask = (block_ids < n_blocks_total)[:, None] & (col < row_len)
     x = _load_f32(x_ptr, offsets, mask, IO)
-    y = _fake_quantize_blocks(x, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN,
-                              SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS,
-                              CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, NONFINITE)
+    y = _fake_quantize_tile(x, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN,
+                            SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS,
+                            CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, NONFINITE)
     _store_f32(y_ptr, offsets, y, mask, IO)
 
 
-@triton.jit
-def _kron_apply(X, a_ptr, b_ptr, ROWS: tl.constexpr, A_PAD: tl.constexpr, B_DIM: tl.constexpr,
-                HAS_A: tl.constexpr, FIRST_DTYPE: tl.constexpr):
-    """Per row r of the fp32 tile X [ROWS, A_PAD, B_DIM]: Y_r = A X_r B^T (row-major
-    vec(Y_r) = (A kron B) vec(X_r)). The factors come transposed (A^T [A_PAD, A_PAD],
-    B^T [B_DIM, B_DIM], fp32, zero-padded), so both stages are right-multiplications.
 
-    First stage X @ B^T: with FIRST_DTYPE fp16/bf16 the caller guarantees X and B are exact in
-    it (16-bit activations, quantized values, +-1 factors), so the MMA is exact up to fp32
-    accumulation; with fp32 it runs as 3xTF32 (about fp32 accuracy). The second stage always
-    reads an fp32 intermediate and runs as 3xTF32."""
-    kb = tl.arange(0, B_DIM)
-    bt = tl.load(b_ptr + kb[:, None] * B_DIM + kb[None, :])
-    X2 = tl.reshape(X, (ROWS * A_PAD, B_DIM))
-    if FIRST_DTYPE == tl.float32:
-        Z = tl.dot(X2, bt, input_precision="tf32x3")
-    else:
-        Z = tl.dot(X2.to(FIRST_DTYPE), bt.to(FIRST_DTYPE))
-    if HAS_A:
-        ka = tl.arange(0, A_PAD)
-        at = tl.load(a_ptr + ka[:, None] * A_PAD + ka[None, :])
-        Zt = tl.reshape(tl.permute(tl.reshape(Z, (ROWS, A_PAD, B_DIM)), (0, 2, 1)),
-                        (ROWS * B_DIM, A_PAD))
-        Yt = tl.dot(Zt, at, input_precision="tf32x3")
-        Y = tl.permute(tl.reshape(Yt, (ROWS, B_DIM, A_PAD)), (0, 2, 1))
-    else:
-        Y = tl.reshape(Z, (ROWS, A_PAD, B_DIM))
-    return Y
+IO_BF16_NATIVE = 3  # bf16 loaded/stored as bf16 (compiled GPU code: the conversions are exact / RNE)
 
 
 @triton.jit
-def mx_rotated_fake_quantize_kernel(
+def _load_f32_fast(ptrs, mask, IO: tl.constexpr):
+    """Load as fp32; masked-off elements read as 0 (the reference's zero padding). `mask` may
+    be None (whole tiles): then no `other` either."""
+    if mask is None:
+        raw = tl.load(ptrs)
+    else:
+        raw = tl.load(ptrs, mask=mask, other=0)
+    if IO == 2:
+        bits = raw.to(tl.int32) & 0xFFFF
+        return (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
+def _store_f32_fast(ptrs, v, mask, IO: tl.constexpr):
+    if IO == 2:
+        tl.store(ptrs, _bf16_bits(v).to(tl.int16), mask=mask)
+    elif IO == 3:
+        # cvt.rn.bf16.f32: round half to even, like torch's .to(torch.bfloat16)
+        tl.store(ptrs, v.to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fake_quantize_tile(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
+                        QMAX_SIGNIFICAND: tl.constexpr, SHARED_OFFSET: tl.constexpr,
+                        SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr,
+                        ZERO_SHARED: tl.constexpr, CODE_SHIFT: tl.constexpr,
+                        IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
+                        CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
+                        ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr,
+                        NONFINITE: tl.constexpr):
+    """Same math as `_fake_quantize_blocks` (fp32 tile [G, B], rows = MX blocks), fewer
+    instructions per element, for the block-NaN policy:
+
+    * one reduction: the max of |x|'s bit patterns (sign cleared). Non-negative IEEE floats order
+      like their bit patterns, and NaN / Inf patterns (exponent all ones) sort above every finite
+      value, so this max is the bit pattern of amax for a finite block and >= 0x7F800000 exactly
+      when the block holds a NaN or an Inf (which then becomes all NaN, as in the reference);
+    * the power-of-two factors are built once per block and broadcast;
+    * the integer grid needs no range select: |scaled| <= 2^(bits) in any finite block, and the
+      clamp to the code range follows;
+    * the minifloat rounding constant 1.5 * 2^k is assembled from its bits."""
+    if NONFINITE != 0:
+        return _fake_quantize_blocks(x, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
+                                     SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
+                                     CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS,
+                                     ELEM_MAX, NONFINITE)
+    bits = x.to(tl.int32, bitcast=True)
+    sign_bit = bits & (-2147483648)
+    amax_bits = tl.max(bits & 0x7FFFFFFF, axis=1)
+    nonfinite = amax_bits >= 0x7F800000
+    is_zero = amax_bits == 0
+    amax = tl.where(is_zero, 1065353216, amax_bits).to(tl.float32, bitcast=True)  # 1.0 if zero
+    block_exp = _block_exponent(amax, MODE, QMAX_LOG2, QMAX_SIGNIFICAND)
+    shared_exp = tl.minimum(tl.maximum(block_exp + SHARED_OFFSET, SHARED_MIN), SHARED_MAX)
+    shared_exp = tl.where(is_zero, ZERO_SHARED, shared_exp)
+    code_exp = shared_exp + CODE_SHIFT
+    # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
+    down_lo = (-code_exp) >> 1
+    down_1 = _pow2(down_lo)[:, None]
+    down_2 = _pow2(-code_exp - down_lo)[:, None]
+    up_lo = code_exp >> 1
+    up_1 = _pow2(up_lo)[:, None]
+    up_2 = _pow2(code_exp - up_lo)[:, None]
+    mag = tl.abs((x * down_1) * down_2)
+    if IS_INT:
+        rounded = (mag + 12582912.0) - 12582912.0  # RNE to an integer (mag < 2^22 here)
+        limit = tl.where(sign_bit != 0, CODE_MAX_NEG, CODE_MAX_POS)
+        rounded = tl.minimum(rounded, limit)
+    else:
+        biased = (mag.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        elem_exp = tl.maximum(biased - 127, ELEM_EMIN)
+        # 1.5 * 2^(elem_exp - man_bits + 23): exponent field plus the top mantissa bit
+        magic = (((elem_exp - ELEM_MAN_BITS + 150) << 23) | 0x400000).to(tl.float32, bitcast=True)
+        rounded = tl.minimum((mag + magic) - magic, ELEM_MAX)
+    signed = (rounded.to(tl.int32, bitcast=True) | sign_bit).to(tl.float32, bitcast=True)
+    out = (signed * up_1) * up_2
+    return tl.where(nonfinite[:, None], float("nan"), out)
+
+
+@triton.jit
+def mx_fake_quantize_flat_kernel(
+    x_ptr, y_ptr, n_elements,
+    BLOCK: tl.constexpr, GROUP: tl.constexpr, NEED_MASK: tl.constexpr, IO: tl.constexpr,
+    MODE: tl.constexpr, QMAX_LOG2: tl.constexpr, QMAX_SIGNIFICAND: tl.constexpr,
+    SHARED_OFFSET: tl.constexpr, SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr,
+    ZERO_SHARED: tl.constexpr, CODE_SHIFT: tl.constexpr, IS_INT: tl.constexpr,
+    CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
+    ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr,
+):
+    """Rows that are a whole number of MX blocks: the tensor is a flat run of blocks of BLOCK
+    contiguous elements; one program = GROUP consecutive blocks. The program's base offset is
+    one 64-bit scalar; the per-element offsets inside the tile stay 32-bit. No mask unless the
+    element count is not a multiple of the tile (NEED_MASK)."""
+    TILE: tl.constexpr = GROUP * BLOCK
+    base = tl.program_id(0).to(tl.int64) * TILE
+    offsets = tl.arange(0, GROUP)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    if NEED_MASK:
+        mask = offsets < n_elements - base
+    else:
+        mask = None
+    x = _load_f32_fast(x_ptr + base + offsets, mask, IO)
+    y = _fake_quantize_tile(x, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN,
+                            SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS,
+                            CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, NONFINITE)
+    _store_f32_fast(y_ptr + base + offsets, y, mask, IO)
+
+
+@triton.jit
+def _split_dot(a, b, acc, B_SPLIT: tl.constexpr, MMA: tl.constexpr):
+    """acc + a @ b where a is exact in bf16 (+-1 / 0 Hadamard factor) and b is fp32.
+
+    MMA == 0 (Triton's CPU interpreter): plain fp32 IEEE dot. Otherwise b is written as
+    B_SPLIT bf16 pieces b = hi + mid + lo (each the bf16 rounding of what is left; three pieces
+    carry all 24 significand bits of fp32), and each piece goes through the tensor cores with
+    exact products and fp32 accumulation. B_SPLIT == 1 means b is already exact in bf16."""
+    if MMA == 0:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    a16 = a.to(tl.bfloat16)
+    hi = b.to(tl.bfloat16)
+    acc = tl.dot(a16, hi, acc)
+    if B_SPLIT >= 2:
+        rest = b - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        acc = tl.dot(a16, mid, acc)
+        if B_SPLIT >= 3:
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(a16, lo, acc)
+    return acc
+
+
+@triton.jit
+def _split_dot_right(a, b, A_SPLIT: tl.constexpr, A16: tl.constexpr, MMA: tl.constexpr):
+    """a @ b where b is exact in bf16/fp16 (Hadamard factor, transposed) and a is fp32 whose
+    values are exact in A16 when A_SPLIT == 1 (16-bit activations, quantized values);
+    A_SPLIT == 3: a is split into three bf16 pieces like in _split_dot."""
+    if MMA == 0:
+        return tl.dot(a, b, input_precision="ieee")
+    if A_SPLIT == 1:
+        return tl.dot(a.to(A16), b.to(A16))
+    b16 = b.to(tl.bfloat16)
+    hi = a.to(tl.bfloat16)
+    rest = a - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    acc = tl.dot(hi, b16)
+    acc = tl.dot(mid, b16, acc)
+    return tl.dot(lo, b16, acc)
+
+
+@triton.jit
+def mx_rotated_kernel(
     x_ptr, y_ptr, n_rows, row_len, a_dim, b_dim,
-    fa_ptr, fb_ptr, ia_ptr, ib_ptr, forward_scale, inverse_scale,
-    ROWS: tl.constexpr, A_PAD: tl.constexpr, B_DIM: tl.constexpr, HAS_A: tl.constexpr,
-    FORWARD_DTYPE: tl.constexpr, INVERSE_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    fa_ptr, fb_t_ptr, ia_ptr, ib_t_ptr, forward_scale, inverse_scale,
+    M: tl.constexpr, B_PAD: tl.constexpr, HAS_A: tl.constexpr, MMA: tl.constexpr,
+    IN_SPLIT: tl.constexpr, IN16: tl.constexpr, MID_SPLIT: tl.constexpr,
     IO: tl.constexpr, BLOCK: tl.constexpr,
     MODE: tl.constexpr, QMAX_LOG2: tl.constexpr, QMAX_SIGNIFICAND: tl.constexpr,
     SHARED_OFFSET: tl.constexpr, SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr,
@@ -259,29 +383,46 @@ def mx_rotated_fake_quantize_kernel(
     CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
     ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr,
 ):
-    """x -> R^-1 Q(R x) for ROWS rows of length row_len = a_dim * b_dim per program, where the
-    rotation R = forward_scale * (A kron B) and R^-1 likewise come as small matrices.
-    One read, one write. B_DIM is b_dim padded to a power of two; that only happens without A
-    (a dense R of any size <= 256), so the flat tile index stays the row index."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    if WIDE_INDEX:
-        rows = rows.to(tl.int64)
-    i = tl.arange(0, A_PAD)
-    j = tl.arange(0, B_DIM)
-    offsets = rows[:, None, None] * row_len + i[None, :, None] * b_dim + j[None, None, :]
-    mask = (rows < n_rows)[:, None, None] & (i < a_dim)[None, :, None] & (j < b_dim)[None, None, :]
-    x = _load_f32(x_ptr, offsets, mask, IO)
-    rotated = _kron_apply(x, fa_ptr, fb_ptr, ROWS, A_PAD, B_DIM, HAS_A, FORWARD_DTYPE)
-    # The reference path casts R x to the activation dtype before quantizing (Rotation.forward
-    # keeps the dtype), and Q's output too (quantize keeps it): round the same way here.
-    rotated = _round_through_io(rotated * forward_scale, IO)
-    # MX blocks run along the rotated row (flat index i * B_DIM + j); padded rows i >= a_dim are
-    # zero, so a last partial block is zero-padded exactly like the reference pads it.
-    blocks = tl.reshape(rotated, (ROWS * A_PAD * B_DIM // BLOCK, BLOCK))
-    quantized = _fake_quantize_blocks(blocks, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
-                                      SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
-                                      CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS,
-                                      ELEM_MAX, NONFINITE)
-    quantized = _round_through_io(tl.reshape(quantized, (ROWS, A_PAD, B_DIM)), IO)
-    restored = _kron_apply(quantized, ia_ptr, ib_ptr, ROWS, A_PAD, B_DIM, HAS_A, INVERSE_DTYPE)
-    _store_f32(y_ptr, offsets, restored * inverse_scale, mask, IO)
+    """x -> R^-1 Q(R x), one read and one write, with R = forward_scale * (A kron B).
+
+    HAS_A: one program = one row, seen as the tile X [M = a_dim padded, B_PAD = b_dim]
+    (row-major: vec(X) is the row), and R x = vec(A X B^T): a right multiplication by B^T
+    along the contiguous axis, then a left multiplication by A -- two plain MMAs, no transpose.
+    Without A (R = s * B dense, n <= 128): one program = M rows, one right multiplication.
+    Exactness: 16-bit activations and quantized values are exact MMA inputs (IN_SPLIT 1 /
+    the inverse's first stage); fp32 intermediates are split into MID_SPLIT bf16 pieces."""
+    pid = tl.program_id(0)
+    i = tl.arange(0, M)
+    j = tl.arange(0, B_PAD)
+    kb = tl.arange(0, B_PAD)
+    if HAS_A:
+        base = pid.to(tl.int64) * row_len
+        offsets = i[:, None] * b_dim + j[None, :]
+        mask = (i < a_dim)[:, None] & (j < b_dim)[None, :]
+    else:
+        base = pid.to(tl.int64) * M * row_len
+        offsets = i[:, None] * row_len + j[None, :]
+        mask = (i < n_rows - pid * M)[:, None] & (j < b_dim)[None, :]
+    x = _load_f32_fast(x_ptr + base + offsets, mask, IO)
+    fb_t = tl.load(fb_t_ptr + kb[:, None] * B_PAD + kb[None, :])
+    z = _split_dot_right(x, fb_t, IN_SPLIT, IN16, MMA)
+    if HAS_A:
+        ka = tl.arange(0, M)
+        fa = tl.load(fa_ptr + ka[:, None] * M + ka[None, :])
+        z = _split_dot(fa, z, tl.zeros((M, B_PAD), tl.float32), MID_SPLIT, MMA)
+    # The reference casts R x to the activation dtype before quantizing (Rotation.forward keeps
+    # the dtype), and Q's output too (quantize keeps it): round the same way here.
+    rotated = _round_through_io(z * forward_scale, IO)
+    blocks = tl.reshape(rotated, (M * B_PAD // BLOCK, BLOCK))
+    quantized = _fake_quantize_tile(blocks, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
+                                    SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
+                                    CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS,
+                                    ELEM_MAX, NONFINITE)
+    quantized = _round_through_io(tl.reshape(quantized, (M, B_PAD)), IO)
+    ib_t = tl.load(ib_t_ptr + kb[:, None] * B_PAD + kb[None, :])
+    # quantized values carry <= 8 significant bits: exact in bf16
+    w = _split_dot_right(quantized, ib_t, 1, tl.bfloat16, MMA)
+    if HAS_A:
+        ia = tl.load(ia_ptr + ka[:, None] * M + ka[None, :])
+        w = _split_dot(ia, w, tl.zeros((M, B_PAD), tl.float32), MID_SPLIT, MMA)
+    _store_f32_fast(y_ptr + base + offsets, w * inverse_scale, mask, IO)

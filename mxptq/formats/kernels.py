@@ -60,7 +60,7 @@ _IO_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _triton_m
 MAX_BLOCK_SIZE = 1024  # one block must fit in one program's registers
 _ELEMENTS_PER_PROGRAM = 4096  # tile size; 8 warps x 32 threads x 16 elements
 _MAX_ROTATION_TILE = 16384  # padded elements per program in the rotated kernel
-_MAX_DENSE_ROTATION = 256  # rotations up to this size run as one dense matrix
+_MAX_DENSE_ROTATION = 128  # rotations up to this size run as one dense matrix
 
 
 def kernels_enabled(x: torch.Tensor) -> bool:
@@ -116,6 +116,22 @@ def _significand_of(value: float) -> tuple[int, int]:
     return exponent, int(significand)
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_spec(fmt) -> tuple[_KernelSpec | None, dict]:
+    """Per-Format constants, computed once (the per-call host cost matters: an activation
+    quantizer runs several times per layer per forward)."""
+    spec = _kernel_spec(fmt)
+    return spec, ({} if spec is None else spec.constexprs())
+
+
+def _spec_for(fmt) -> tuple[_KernelSpec | None, dict]:
+    try:
+        return _cached_spec(fmt)
+    except TypeError:  # unhashable format object
+        spec = _kernel_spec(fmt)
+        return spec, ({} if spec is None else spec.constexprs())
+
+
 def _kernel_spec(fmt) -> _KernelSpec | None:
     """Translate a Format into kernel constants (conventions of mxptq.formats.spec: int<b>
     element value = code * 2^-(b-2), scale_exp clamped to [-127, 127]), or None."""
@@ -162,17 +178,35 @@ def _int_code_range(element, rule) -> tuple[int, int]:
 
 
 def _on_device(x: torch.Tensor):
-    """Launch on x's GPU (Triton launches on the current device)."""
+    """Launch on x's GPU (Triton launches on the current device); a no-op context when x is
+    already on the current device (the common case, and it costs host time)."""
     import contextlib
 
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
-def _io_views(x: torch.Tensor, y: torch.Tensor):
-    """bf16 tensors go to the kernels as int16 views (converted bit-exactly in the kernel)."""
+def _io_code(x: torch.Tensor) -> int:
+    """IO mode for the kernels: bf16 natively in compiled GPU code; as int16 bit patterns in
+    Triton's CPU interpreter, which flushes bf16 subnormals (converted bit-exactly in-kernel)."""
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        return _triton_mx.IO_BF16
     if x.dtype == torch.bfloat16:
+        return _triton_mx.IO_BF16_NATIVE
+    return _IO_CODES[x.dtype]
+
+
+def _io_views(x: torch.Tensor, y: torch.Tensor, io: int):
+    if io == _triton_mx.IO_BF16:
         return x.view(torch.int16), y.view(torch.int16)
     return x, y
+
+
+# Flat kernel tile: (elements per program, warps). Swept on an H200 (scripts/bench_kernels.py
+# --sweep): 4096 elements on 4 warps was best or within 2% of best at every size.
+PLAIN_TILE_ELEMENTS = 4096
+PLAIN_NUM_WARPS = 4
 
 
 def fake_quantize_last_axis(x: torch.Tensor, fmt) -> torch.Tensor | None:
@@ -180,31 +214,36 @@ def fake_quantize_last_axis(x: torch.Tensor, fmt) -> torch.Tensor | None:
     None if the kernel does not cover (dtype, format). Does not check kernels_enabled()."""
     if not HAVE_TRITON or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0 or x.dim() == 0:
         return None
-    spec = _kernel_spec(fmt)
+    spec, constexprs = _spec_for(fmt)
     if spec is None:
         return None
     x = x.contiguous()
     y = torch.empty_like(x)
-    x_arg, y_arg = _io_views(x, y)
+    io = _io_code(x)
+    x_arg, y_arg = _io_views(x, y, io)
     row_len = x.shape[-1]
     bs = fmt.block_size
-    blocks_per_row = -(-row_len // bs)
-    n_blocks = (x.numel() // row_len) * blocks_per_row
-    group = max(1, _ELEMENTS_PER_PROGRAM // bs)
-    grid = (triton.cdiv(n_blocks, group),)
+    numel = x.numel()
     with _on_device(x):
-        _launch_plain(grid, x_arg, y_arg, n_blocks, row_len, blocks_per_row, bs, group, x.dtype, spec)
+        if row_len % bs == 0:
+            # Every MX block is bs contiguous elements: tile the flat tensor.
+            group = max(1, PLAIN_TILE_ELEMENTS // bs)
+            tile = group * bs
+            _triton_mx.mx_fake_quantize_flat_kernel[(triton.cdiv(numel, tile),)](
+                x_arg, y_arg, numel, BLOCK=bs, GROUP=group, NEED_MASK=numel % tile != 0, IO=io,
+                num_warps=PLAIN_NUM_WARPS if tile >= 2048 else 4, **constexprs,
+            )
+        else:
+            blocks_per_row = -(-row_len // bs)
+            n_blocks = (numel // row_len) * blocks_per_row
+            group = max(1, PLAIN_TILE_ELEMENTS // bs)
+            _triton_mx.mx_fake_quantize_kernel[(triton.cdiv(n_blocks, group),)](
+                x_arg, y_arg, n_blocks, row_len, blocks_per_row,
+                BLOCK=bs, GROUP=group, EVEN_ROWS=False, IO=io,
+                WIDE_INDEX=(n_blocks + group) * bs >= 2**31,
+                num_warps=8 if group * bs >= 2048 else 4, **constexprs,
+            )
     return y
-
-
-def _launch_plain(grid, x_arg, y_arg, n_blocks, row_len, blocks_per_row, bs, group, dtype, spec) -> None:
-    _triton_mx.mx_fake_quantize_kernel[grid](
-        x_arg, y_arg, n_blocks, row_len, blocks_per_row,
-        BLOCK=bs, GROUP=group, EVEN_ROWS=row_len % bs == 0, IO=_IO_CODES[dtype],
-        WIDE_INDEX=(n_blocks + group) * bs >= 2**31,
-        num_warps=8 if group * bs >= 2048 else 4,
-        **spec.constexprs(),
-    )
 
 
 def try_quantize(x: torch.Tensor, fmt, axis: int = -1) -> torch.Tensor | None:
@@ -228,32 +267,21 @@ def try_quantize(x: torch.Tensor, fmt, axis: int = -1) -> torch.Tensor | None:
 
 @dataclass(frozen=True)
 class _RotationPlan:
-    """R = s * (A kron B) and R^-1 = s_inv * (A_inv kron B_inv), factors stored transposed and
-    zero-padded to tensor-core friendly powers of two, ready for the kernel."""
+    """R = s * (A kron B) and R^-1 = s_inv * (A_inv kron B_inv) with integer (+-1 / 0) factors,
+    zero-padded to tensor-core friendly powers of two: A as is (left multiplication), B
+    transposed (right multiplication)."""
 
     n: int
     a_dim: int  # A is a_dim x a_dim (1 = no A: R = s * B, n = b_dim)
     a_pad: int
     b_dim: int
     b_pad: int  # b_dim padded to a power of two >= 16 (differs only for a dense R, a_dim = 1)
-    forward_a_t: torch.Tensor
+    forward_a: torch.Tensor
     forward_b_t: torch.Tensor
-    inverse_a_t: torch.Tensor
+    inverse_a: torch.Tensor
     inverse_b_t: torch.Tensor
     forward_scale: float
     inverse_scale: float
-    exact_factors: bool  # factors are integer (+-1 / 0) matrices: exact MMA inputs in 16 bits
-
-    def mma_dtypes(self, dtype: torch.dtype):
-        """(forward, inverse) first-stage MMA input types (see _triton_mx._kron_apply):
-        16-bit activations are exact in their own type; quantized values (<= 8 significant bits)
-        are exact in bf16; everything else runs as 3xTF32."""
-        import triton.language as tl
-
-        if not self.exact_factors:
-            return tl.float32, tl.float32
-        forward = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
-        return forward, tl.bfloat16
 
 
 def _apply_rotation(rotation, which: str, rows: torch.Tensor) -> torch.Tensor:
@@ -301,21 +329,30 @@ def _integerize(factor: torch.Tensor):
     return rounded, float(peak)
 
 
-def _padded_transpose(factor: torch.Tensor, size: int, dtype, device) -> torch.Tensor:
+def _padded(factor: torch.Tensor, size: int, device, transpose: bool) -> torch.Tensor:
     out = torch.zeros(size, size, dtype=torch.float64)
-    out[: factor.shape[0], : factor.shape[1]] = factor.T
-    return out.to(device=device, dtype=dtype).contiguous()
+    out[: factor.shape[0], : factor.shape[1]] = factor.T if transpose else factor
+    return out.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _pow2_at_least(v: int, floor: int = 16) -> int:
+    return max(floor, 1 << (v - 1).bit_length())
 
 
 def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None:
     n = int(rotation.n)
     pow2_part = n & -n
-    # A dense R (one MMA per direction) up to 256; beyond, A kron B with B a power of two.
-    candidates = [n] if n <= _MAX_DENSE_ROTATION else []
-    candidates += [b for b in (128, 64, 32, 16) if b <= pow2_part and b < n]
+    # Up to 128, a dense R (one MMA per direction, several rows per program). Beyond, A kron B
+    # (one row per program): the fewest padded elements first, then the largest B (B's MMA
+    # takes exact 16-bit inputs; A's takes a split fp32 intermediate, three MMAs).
+    if n <= _MAX_DENSE_ROTATION:
+        candidates = [n]
+    else:
+        bs = [b for b in (128, 64, 32, 16) if b <= pow2_part and b < n]
+        candidates = sorted(bs, key=lambda b: (_pow2_at_least(n // b) * b, -b))
     for b_dim in candidates:
         a_dim = n // b_dim
-        a_pad = 1 if a_dim == 1 else max(16, 1 << (a_dim - 1).bit_length())
+        a_pad = 1 if a_dim == 1 else _pow2_at_least(a_dim)
         if a_pad * b_dim > _MAX_ROTATION_TILE:
             continue
         fwd = _factor_kron(rotation, "forward", n, b_dim)
@@ -323,21 +360,17 @@ def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None
         if fwd is None or inv is None:
             continue
         factors = [_integerize(f) for f in (*fwd, *inv)]
-        exact = all(f is not None for f in factors)
-        if exact:
-            (fa, sa), (fb, sb), (ia, sia), (ib, sib) = factors
-            forward_scale, inverse_scale = sa * sb, sia * sib
-        else:
-            (fa, fb), (ia, ib) = fwd, inv
-            forward_scale = inverse_scale = 1.0
-        b_pad = max(16, 1 << (b_dim - 1).bit_length())
+        if any(f is None for f in factors):
+            continue  # not a +-1 Hadamard: the kernel's exact 16-bit MMA inputs do not apply
+        (fa, sa), (fb, sb), (ia, sia), (ib, sib) = factors
+        b_pad = _pow2_at_least(b_dim)
         return _RotationPlan(
             n=n, a_dim=a_dim, a_pad=a_pad, b_dim=b_dim, b_pad=b_pad,
-            forward_a_t=_padded_transpose(fa, max(a_pad, 1), torch.float32, device),
-            forward_b_t=_padded_transpose(fb, b_pad, torch.float32, device),
-            inverse_a_t=_padded_transpose(ia, max(a_pad, 1), torch.float32, device),
-            inverse_b_t=_padded_transpose(ib, b_pad, torch.float32, device),
-            forward_scale=forward_scale, inverse_scale=inverse_scale, exact_factors=exact,
+            forward_a=_padded(fa, a_pad, device, transpose=False),
+            forward_b_t=_padded(fb, b_pad, device, transpose=True),
+            inverse_a=_padded(ia, a_pad, device, transpose=False),
+            inverse_b_t=_padded(ib, b_pad, device, transpose=True),
+            forward_scale=sa * sb, inverse_scale=sia * sib,
         )
     return None
 
@@ -345,6 +378,10 @@ def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None
 @functools.lru_cache(maxsize=64)
 def _cached_plan(rotation, device) -> _RotationPlan | None:
     return _build_rotation_plan(rotation, device)
+
+
+# Bf16 pieces of an fp32 intermediate in the A-stage MMAs (3 = all 24 significand bits).
+ROTATION_MID_SPLIT = 3
 
 
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
@@ -355,7 +392,7 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
     n = x.shape[-1]
     if not isinstance(getattr(rotation, "n", None), int) or rotation.n != n:
         return None  # e.g. the key-axis rotation of P, whose length varies
-    spec = _kernel_spec(fmt)
+    spec, constexprs = _spec_for(fmt)
     if spec is None:
         return None
     try:
@@ -364,32 +401,29 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
         plan = _build_rotation_plan(rotation, x.device)
     if plan is None:
         return None
-    padded_row = plan.a_pad * plan.b_pad if plan.a_dim > 1 else plan.b_pad
-    if fmt.block_size > padded_row:
+    has_a = plan.a_dim > 1
+    if fmt.block_size > (plan.a_pad * plan.b_pad if has_a else plan.b_pad):
         return None
     x = x.contiguous()
     y = torch.empty_like(x)
-    x_arg, y_arg = _io_views(x, y)
-    forward_dtype, inverse_dtype = plan.mma_dtypes(x.dtype)
-    if not x.is_cuda:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers
-        forward_dtype = inverse_dtype = _triton_mx.tl.float32
+    io = _io_code(x)
+    x_arg, y_arg = _io_views(x, y, io)
     n_rows = x.numel() // n
-    rows_per_program = max(1, min(_ELEMENTS_PER_PROGRAM // padded_row, 64))
-    if plan.a_dim == 1:
-        rows_per_program = max(rows_per_program, 16)  # tl.dot needs M >= 16
-    grid = (triton.cdiv(n_rows, rows_per_program),)
+    if has_a:
+        m, grid = plan.a_pad, (n_rows,)
+    else:
+        m = max(16, min(64, _ELEMENTS_PER_PROGRAM // plan.b_pad))  # tl.dot needs M >= 16
+        grid = (triton.cdiv(n_rows, m),)
+    in16 = {torch.float16: _triton_mx.tl.float16}.get(x.dtype, _triton_mx.tl.bfloat16)
     with _on_device(x):
-        _triton_mx.mx_rotated_fake_quantize_kernel[grid](
+        _triton_mx.mx_rotated_kernel[grid](
             x_arg, y_arg, n_rows, n, plan.a_dim, plan.b_dim,
-            plan.forward_a_t, plan.forward_b_t, plan.inverse_a_t, plan.inverse_b_t,
+            plan.forward_a, plan.forward_b_t, plan.inverse_a, plan.inverse_b_t,
             plan.forward_scale, plan.inverse_scale,
-            ROWS=rows_per_program, A_PAD=max(plan.a_pad, 1), B_DIM=plan.b_pad,
-            HAS_A=plan.a_dim > 1,
-            FORWARD_DTYPE=forward_dtype, INVERSE_DTYPE=inverse_dtype,
-            WIDE_INDEX=(n_rows + rows_per_program) * n >= 2**31, IO=_IO_CODES[x.dtype],
-            BLOCK=fmt.block_size,
-            num_warps=8 if rows_per_program * padded_row >= 2048 else 4,
-            **spec.constexprs(),
+            M=m, B_PAD=plan.b_pad, HAS_A=has_a, MMA=1 if x.is_cuda else 0,
+            IN_SPLIT=3 if x.dtype == torch.float32 else 1, IN16=in16,
+            MID_SPLIT=ROTATION_MID_SPLIT, IO=io, BLOCK=fmt.block_size,
+            num_warps=8 if m * plan.b_pad >= 4096 else 4, **constexprs,
         )
     return y
 

@@ -114,6 +114,15 @@ def test_quantize_other_power_of_two_blocks_and_ragged_rows(block_size: int) -> 
     _assert_same(got.cpu(), quantize_reference(x.cpu(), fmt), fmt.label)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_whole_tiles_without_mask(dtype: torch.dtype) -> None:
+    """numel a multiple of the kernel's tile: the flat kernel runs without load/store masks."""
+    fmt = Format(ELEMENT_FORMATS["e2m1"], 32)
+    tile = kernels.PLAIN_TILE_ELEMENTS
+    x = (torch.randn(3, tile, generator=torch.Generator().manual_seed(3)) * 4).to(dtype).to(DEVICE)
+    _assert_same(kernels.fake_quantize_last_axis(x, fmt).cpu(), quantize_reference(x.cpu(), fmt), "whole tiles")
+
+
 def test_quantize_unsupported_cases_return_none() -> None:
     x = torch.randn(2, 96, device=DEVICE)
     assert kernels.fake_quantize_last_axis(x, Format(ELEMENT_FORMATS["int4"], 48)) is None  # not 2^k
@@ -161,7 +170,7 @@ def _reference_rotated(x: torch.Tensor, fmt: Format, rotation) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n,elem,rule", ROTATED_CASES, ids=[f"{c[0]}-{c[1]}" for c in ROTATED_CASES])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_rotated_quantize_matches_reference(n: int, elem: str, rule: ScaleRule, dtype) -> None:
     """Tolerance (kernels.py docstring): R x differs from the reference's R x by fp32 rounding,
     so an element may land on the other side of a rounding boundary: such flips are rare
