@@ -106,11 +106,20 @@ NoProgressOpt = Annotated[
     typer.Option("--no-progress", help="No progress bars (plain log lines on stderr instead). "
                  "Also: MXPTQ_NO_PROGRESS=1 or CI=true."),
 ]
+BackendOpt = Annotated[
+    str | None, typer.Option("--backend", help="native, lm-eval, or both (native metrics, with lm-eval's "
+                             "and their relative difference also in the report). Overrides [eval].backend.")
+]
+MaxLengthOpt = Annotated[
+    int | None, typer.Option("--max-length", help="Window length in tokens. Overrides [eval].max_length.")
+]
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help="Overrides [eval].batch_size.")]
 
 
 def _load(recipe_path: Path | None, **overrides: Any) -> Recipe:
-    recipe = load_recipe(recipe_path) if recipe_path is not None else default_recipe()
-    return recipe.with_overrides(**overrides)
+    if recipe_path is None:
+        return default_recipe(**{k: v for k, v in overrides.items() if v is not None})
+    return load_recipe(recipe_path).with_overrides(**overrides)
 
 
 def _given(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -196,11 +205,15 @@ def quantize(
     no_eval: Annotated[
         bool, typer.Option("--no-eval", help="Skip every evaluation: quantize, save, report.")
     ] = False,
+    backend: BackendOpt = None,
+    max_length: MaxLengthOpt = None,
+    batch_size: BatchSizeOpt = None,
 ) -> None:
     """Run the recipe end to end: [gptq] if present, MX transform (RTN), [rotation_search] if
     present, save the checkpoint, evaluate perplexity (unquantized and quantized), write report.json."""
     _run("quantize", "run_quantize", recipe, quiet=quiet, no_progress=no_progress, force=force, model=model,
-         device=device, dtype=dtype, out=out, data_dir=data_dir, limit=limit,
+         device=device, dtype=dtype, out=out, data_dir=data_dir, limit=limit, backend=backend,
+         max_length=max_length, batch_size=batch_size,
          run_options={"eval_fp": not (no_fp_eval or no_eval), "evaluate": not no_eval})
 
 
@@ -251,16 +264,9 @@ def eval_ppl(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="Evaluate a saved MX checkpoint directory.")
     ] = None,
-    backend: Annotated[
-        str | None, typer.Option("--backend", help="native, lm-eval, or both (native metrics, with lm-eval's "
-                     "and their relative difference also in the report). Overrides [eval].backend.")
-    ] = None,
-    max_length: Annotated[
-        int | None, typer.Option("--max-length", help="Window length in tokens. Overrides [eval].max_length.")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Overrides [eval].batch_size.")
-    ] = None,
+    backend: BackendOpt = None,
+    max_length: MaxLengthOpt = None,
+    batch_size: BatchSizeOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     out: OutOpt = None,

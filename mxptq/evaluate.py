@@ -627,7 +627,8 @@ def backend_agreement(native: dict[str, Any], reference: dict[str, Any]) -> dict
     """Relative differences |native - lm-eval| / lm-eval of the three lm-eval metrics, and whether
     word perplexity is within DESIGN.md's tolerance."""
     agreement: dict[str, Any] = {
-        f"{name}_rel_diff": abs(native[name] - reference[name]) / abs(reference[name]) for name in LM_EVAL_METRICS
+        f"{name}_rel_diff": abs(native[name] - reference[name]) / abs(reference[name])
+        for name in LM_EVAL_METRICS
     }
     agreement["tolerance"] = AGREEMENT_TOLERANCE
     agreement["within_tolerance"] = agreement["word_perplexity_rel_diff"] <= AGREEMENT_TOLERANCE

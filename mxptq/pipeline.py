@@ -27,11 +27,15 @@ from mxptq.report import Report
 def _open(recipe: Recipe, opts: RunOptions, command: str) -> tuple[Any, RunContext]:
     """Load the model and build the run context (tokenizer, data source, report)."""
     from mxptq.data import WikiText
-    from mxptq.models import load_model
+    from mxptq.models import load_model, resolve_dtype
 
     recipe.require_model_name()
-    model_cfg = recipe.model.model_copy(update={"name": recipe.model_name})
-    report = Report(command, device=_requested_device(model_cfg.device))
+    device = _requested_device(recipe.model.device)
+    # Resolve dtype "auto" against the device the model will run on, before GPTQ's CPU load
+    # below could turn it into float32 (then A would be evaluated in fp16 and B/C in fp32).
+    dtype = str(resolve_dtype(recipe.model.dtype, device)).removeprefix("torch.")
+    model_cfg = recipe.model.model_copy(update={"name": recipe.model_name, "dtype": dtype})
+    report = Report(command, device=device)
     report["argv"] = list(opts.argv)
     report["recipe_name"] = recipe.name
     report["recipe"] = recipe.to_dict()

@@ -835,5 +835,9 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def default_recipe(**overrides: Any) -> Recipe:
     """A recipe with no selectors (evaluates the unquantized model), e.g. for `eval-ppl --model`."""
-    recipe = Recipe(output=OutputConfig(dir=DEFAULT_OUTPUT_ROOT / "recipe"))
+    # Runs of different models must not overwrite each other's report: name the output after
+    # the model (mxptq_output/eval-<model stem>) unless --out says otherwise.
+    model = overrides.get("model")
+    stem = Path(str(model)).name.removesuffix(".gguf") if model else "model"
+    recipe = Recipe(output=OutputConfig(dir=DEFAULT_OUTPUT_ROOT / f"eval-{stem}"))
     return recipe.with_overrides(**overrides) if overrides else recipe

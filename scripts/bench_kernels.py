@@ -90,11 +90,11 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
 
     def record(op: str, fmt_name: str, seconds: float | None, note: str = "", eager: float | None = None) -> None:
         bw = nbytes / seconds if seconds else None
-        rows.append(dict(n=n, dtype=dtype_name, format=fmt_name, op=op,
-                         time_us=None if seconds is None else seconds * 1e6,
-                         eager_us=None if eager is None else eager * 1e6,
-                         gbps=None if bw is None else bw / 1e9,
-                         pct_of_copy=None if bw is None else 100 * bw / copy_bw, note=note))
+        rows.append({"n": n, "dtype": dtype_name, "format": fmt_name, "op": op,
+                         "time_us": None if seconds is None else seconds * 1e6,
+                         "eager_us": None if eager is None else eager * 1e6,
+                         "gbps": None if bw is None else bw / 1e9,
+                         "pct_of_copy": None if bw is None else 100 * bw / copy_bw, "note": note})
 
     record("copy (x.clone)", "-", copy_s, eager=time_op(lambda: x.clone(), args.warmup, args.iters))
     for fmt_name in args.formats.split(","):
@@ -155,7 +155,7 @@ def sweep(args) -> None:
             for split in (3, 2):
                 kernels.ROTATION_MID_SPLIT = split
                 rot = get_rotation(n, block_size=32)
-                t = time_device(lambda v, f=fmt: kernels.try_rotated_quantize(v, f, rot), inputs, args.iters)
+                t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
                 print(f"| {n} | {dtype_name} | {fmt_name} | rotated split={split} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |")
             kernels.ROTATION_MID_SPLIT = 3
         kernels.PLAIN_TILE_ELEMENTS, kernels.PLAIN_NUM_WARPS = 4096, 4
@@ -203,18 +203,18 @@ def main() -> int:
             torch.cuda.empty_cache()
             print(f"n={n} {dtype_name} done ({time.time() - t_start:.0f} s)", file=sys.stderr)
 
-    meta = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda, python=platform.python_version(),
-        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-        shape="[8, 2048, n]", bytes_per_op="2 * numel * element_size (one read + one write)",
-        timing=(f"time: device time per call, CUDA graph of 10 calls cycling over copies of x (>= 256 MiB "
+    meta = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "shape": "[8, 2048, n]", "bytes_per_op": "2 * numel * element_size (one read + one write)",
+        "timing": (f"time: device time per call, CUDA graph of 10 calls cycling over copies of x (>= 256 MiB "
                 f"footprint), median of {args.iters} replays; eager: CUDA events around one call incl. host "
                 f"dispatch, {args.warmup} warmup, median of {args.iters} (torch reference: of {max(3, args.iters // 5)})"),
-        wall_s=round(time.time() - t_start, 1), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    )
+        "wall_s": round(time.time() - t_start, 1), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_kernels.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# MX kernel bandwidth on {meta['device']}", "",
              *[f"- {k}: `{v}`" for k, v in meta.items() if k != "device"], "",
              "| n | dtype | format | op | time (us) | GB/s | % of copy | eager (us) | note |",

@@ -4,7 +4,8 @@
                                        [--require-png]
 
 Reads DIR/<config>/report.json (the layout scripts/reproduce_tutorial.sh writes) or flat
-DIR/report_<config>.json files, plus DIR/timings.tsv when present (process wall time per run).
+DIR/report_<config>.json files, and each run's process wall time from DIR/<config>/process.tsv,
+else from DIR/timings.tsv, when present.
 Writes:
 - DIR/progression.png: word perplexity per config (A: RTN, B: + GPTQ, C: + rotation search), one
   series for MXINT4 and one for MXFP4, config A with the symmetric MXINT scale rule as a single
@@ -64,7 +65,7 @@ STAGE_COLUMNS = ("load", "gptq", "transform", "rotsearch", "save")
 
 @dataclass
 class Run:
-    """One config's report (and its process wall time from timings.tsv, if recorded)."""
+    """One config's report (and its process wall time, if recorded)."""
 
     config: str
     path: Path
@@ -156,7 +157,8 @@ def _config_name(candidate: str, report: dict[str, Any]) -> str:
 
 
 def read_timings(path: Path) -> dict[str, float]:
-    """config -> process wall time (the last successful run of each config in timings.tsv)."""
+    """config -> process wall time (the last successful run of each config in a timings file:
+    a header line, then config, wall_s, exit_status, command separated by tabs)."""
     timings: dict[str, float] = {}
     if not path.is_file():
         return timings
@@ -189,7 +191,9 @@ def load_runs(directory: Path) -> list[Run]:
         except (OSError, json.JSONDecodeError) as exc:
             raise SystemExit(f"error: {path}: not a JSON report ({exc})") from None
         config = _config_name(candidate, report)
-        runs.append(Run(config, path, report, timings.get(config, timings.get(candidate))))
+        own = read_timings(path.parent / "process.tsv") if path.name == "report.json" else {}
+        wall = own.get(candidate, timings.get(config, timings.get(candidate)))
+        runs.append(Run(config, path, report, wall))
     order = list(CONFIGS)
     runs.sort(key=lambda r: (order.index(r.config) if r.config in order else len(order), r.config))
     return runs
@@ -316,7 +320,7 @@ def markdown(runs: list[Run]) -> str:
     lines = [("Word perplexity: lm-eval `wikitext` protocol on the WikiText-2 test split (see each report's "
               "`metrics.*.protocol`). Times in seconds; \"stages total\" is the sum of the report's "
               "stages (loading and every evaluation included), \"process\" the run's wall time from "
-              "`timings.tsv` (adds Python start-up). Peak memory: the largest "
+              "`process.tsv` (adds Python start-up). Peak memory: the largest "
               "`torch.cuda.max_memory_allocated` over the stages on CUDA, else the host's peak RSS."),
              ""]
     header, rows = results_rows(runs)
@@ -357,7 +361,7 @@ def plot(runs: list[Run], path: Path) -> None:
 
     matplotlib.use("Agg")  # no display on batch nodes
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     x = {step: i for i, step in enumerate(STEPS)}
@@ -385,8 +389,9 @@ def plot(runs: list[Run], path: Path) -> None:
                    label=f"unquantized{f' ({dtype})' if dtype else ''}: {fp:.2f}")
     ax.set_yscale("log")
     # Plain numbers on the log axis (10^2 style labels hide the values readers compare).
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    plain = FuncFormatter(lambda value, _position: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xticks(range(len(STEPS)), [STEP_LABELS[s] for s in STEPS])
     ax.set_xlim(-0.4, len(STEPS) - 0.4)

@@ -16,7 +16,9 @@
 #   mxfp4_c_rotsearch     recipes/mxfp4_c_rotsearch.toml
 #   tutorial_a_symmetric  recipes/tutorial_a_symmetric.toml config A with the symmetric MXINT rule
 # then `mxptq report ... > DIR/summary.md` and `scripts/plot_progression.py DIR`
-# (DIR/progression.png, DIR/table.md). DIR/timings.tsv holds each run's process wall time.
+# (DIR/progression.png, DIR/table.md). Each run's process wall time and exit status go to
+# DIR/<config>/process.tsv (so results of separate invocations can be merged by copying config
+# directories) and are appended to the log DIR/timings.tsv.
 #
 # Every mxptq command runs with DIR as its working directory: the recipes' relative
 # [gptq].checkpoint_dir and [rotation_search].cache_path (the tutorial's
@@ -36,7 +38,7 @@
 #                    the progression, e.g. fewer calibration samples for a CI smoke run)
 #   --resume         skip a config whose DIR/<config>/report.json already exists
 #   --bundle FILE    finally write FILE (.tar.gz) with the reports, summary.md, table.md,
-#                    progression.png, timings.tsv and rotation caches -- no checkpoints
+#                    progression.png, timings and rotation caches -- no checkpoints
 #   --dry-run        print the commands, run nothing
 #   anything else    passed to every mxptq run (e.g. --dtype float16 --data-dir DIR --force);
 #                    use flags that both `quantize` and `eval-ppl` accept
@@ -176,7 +178,10 @@ for name in "${SELECTED[@]}"; do
   rc=$?
   set -e
   wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-  printf '%s\t%s\t%s\t%s\n' "$name" "$wall" "$rc" "${CMD[*]}" >> "$TIMINGS"
+  row=$(printf '%s\t%s\t%s\t%s' "$name" "$wall" "$rc" "${CMD[*]}")
+  echo "$row" >> "$TIMINGS"
+  mkdir -p "$OUT_DIR/$name"
+  printf 'config\twall_s\texit_status\tcommand\n%s\n' "$row" > "$OUT_DIR/$name/process.tsv"
   if [ $rc -ne 0 ]; then
     echo "error: $name failed with exit status $rc after ${wall} s" >&2
     exit $rc
@@ -198,7 +203,7 @@ if [ -n "$BUNDLE" ]; then
   # Only the small result files: reports, tables, plot, timings, rotation decisions.
   (cd "$OUT_DIR" && find . \( -path '*/checkpoint' -prune \) -o -type f \
       \( -name report.json -o -name summary.md -o -name table.md -o -name progression.png \
-         -o -name timings.tsv -o -name rotation_decisions.json \) -print | sort \
+         -o -name timings.tsv -o -name process.tsv -o -name rotation_decisions.json \) -print | sort \
     | tar -czf "$BUNDLE" -T -)
   echo "bundle: $BUNDLE ($(du -h "$BUNDLE" | cut -f1))"
 fi

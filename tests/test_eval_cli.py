@@ -32,7 +32,9 @@ def _find_data_dir() -> Path | None:
 
 
 DATA_DIR = _find_data_dir()
-needs_data = pytest.mark.skipif(DATA_DIR is None, reason="WikiText-2 raw files not found (set MXPTQ_DATA_DIR)")
+needs_data = pytest.mark.skipif(
+    DATA_DIR is None, reason="WikiText-2 raw files not found (set MXPTQ_DATA_DIR)"
+)
 
 CONTEXT = 512  # the tiny model's max_position_embeddings
 
@@ -97,8 +99,20 @@ def test_eval_ppl_without_recipe_reports_the_unquantized_model(demo_model, monke
 
     monkeypatch.setattr("mxptq.models.load_model", load_shared_demo_model)
     out = tmp_path / "run"
-    result = _eval_ppl("--model", "smollm2-135m", "--limit", "1", "--data-dir", DATA_DIR,
-                       "--backend", "native", "--device", "cpu", "--out", out)
+    result = _eval_ppl(
+        "--model",
+        "smollm2-135m",
+        "--limit",
+        "1",
+        "--data-dir",
+        DATA_DIR,
+        "--backend",
+        "native",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert [cfg.name for cfg in loaded] == ["smollm2-135m"]
 
@@ -131,26 +145,38 @@ def test_eval_ppl_without_recipe_reports_the_unquantized_model(demo_model, monke
 
 def test_data_dir_without_the_test_split(tiny_model_dir, tmp_path):
     (tmp_path / "wiki.valid.raw").write_text(" = A = \n \n Text . \n", encoding="utf-8")
-    result = _eval_ppl("--model", tiny_model_dir, "--data-dir", tmp_path, "--max-length", 64,
-                       "--out", tmp_path / "out")
-    _assert_one_line_error(result, "'test' not found", str(tmp_path / "wiki.test.raw"),
-                           "files present: wiki.valid.raw")
+    result = _eval_ppl(
+        "--model", tiny_model_dir, "--data-dir", tmp_path, "--max-length", 64, "--out", tmp_path / "out"
+    )
+    _assert_one_line_error(
+        result, "'test' not found", str(tmp_path / "wiki.test.raw"), "files present: wiki.valid.raw"
+    )
     assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_max_length_beyond_the_model_context(tiny_model_dir, tmp_path):
     (tmp_path / "wiki.test.raw").write_text(" = A = \n \n Text . \n", encoding="utf-8")
-    result = _eval_ppl("--model", tiny_model_dir, "--data-dir", tmp_path, "--max-length", 2 * CONTEXT,
-                       "--out", tmp_path / "out")
-    _assert_one_line_error(result, f"max_length {2 * CONTEXT} is larger than the model's context",
-                           f"max_length <= {CONTEXT}")
+    result = _eval_ppl(
+        "--model",
+        tiny_model_dir,
+        "--data-dir",
+        tmp_path,
+        "--max-length",
+        2 * CONTEXT,
+        "--out",
+        tmp_path / "out",
+    )
+    _assert_one_line_error(
+        result, f"max_length {2 * CONTEXT} is larger than the model's context", f"max_length <= {CONTEXT}"
+    )
 
 
 @pytest.mark.parametrize("text", ["", " \n \n\n"], ids=["empty-file", "blank-lines"])
 def test_empty_text(tiny_model_dir, tmp_path, text):
     (tmp_path / "wiki.test.raw").write_text(text, encoding="utf-8")
-    result = _eval_ppl("--model", tiny_model_dir, "--data-dir", tmp_path, "--max-length", 64,
-                       "--out", tmp_path / "out")
+    result = _eval_ppl(
+        "--model", tiny_model_dir, "--data-dir", tmp_path, "--max-length", 64, "--out", tmp_path / "out"
+    )
     _assert_one_line_error(result, "split 'test' is empty", str(tmp_path / "wiki.test.raw"))
 
 

@@ -20,11 +20,10 @@ from mxptq.data import WikiText
 from mxptq.errors import DataError
 from mxptq.evaluate import (
     Protocol,
-    backend_agreement,
     _rolling_inputs,
+    backend_agreement,
     calib_perplexity,
     encode_like_hflm,
-    evaluate_lm_eval,
     evaluate_wikitext,
     fallback_make_disjoint_window,
     fallback_rolling_token_windows,
@@ -226,8 +225,12 @@ def test_both_backends_record_native_metrics_lm_eval_and_their_difference(model,
 
 
 def test_agreement_flags_a_difference_above_tolerance_and_the_float16_caveat():
-    native = {"word_perplexity": 10.002, "byte_perplexity": 2.0, "bits_per_byte": 1.0,
-              "protocol": {"dtype": "float16"}}
+    native = {
+        "word_perplexity": 10.002,
+        "byte_perplexity": 2.0,
+        "bits_per_byte": 1.0,
+        "protocol": {"dtype": "float16"},
+    }
     reference = {"word_perplexity": 10.0, "byte_perplexity": 2.0, "bits_per_byte": 1.0}
     agreement = backend_agreement(native, reference)
     assert agreement["word_perplexity_rel_diff"] == pytest.approx(2e-4)
@@ -326,8 +329,15 @@ def test_demo_model_native_matches_lm_eval_on_three_test_documents(demo_model):
     assert next(model.parameters()).dtype == torch.float32
     max_length = 1024
     result = evaluate_wikitext(
-        model, tokenizer, WikiText(DATA_DIR), split="test", max_length=max_length, batch_size=2,
-        limit=3, backend="both", token_level=False,
+        model,
+        tokenizer,
+        WikiText(DATA_DIR),
+        split="test",
+        max_length=max_length,
+        batch_size=2,
+        limit=3,
+        backend="both",
+        token_level=False,
     )
     reference = result["lm_eval"]
     relative = result["agreement"]["word_perplexity_rel_diff"]
@@ -337,7 +347,8 @@ def test_demo_model_native_matches_lm_eval_on_three_test_documents(demo_model):
     )
     assert relative <= 1e-4
     assert relative == pytest.approx(
-        abs(result["word_perplexity"] - reference["word_perplexity"]) / reference["word_perplexity"], abs=1e-15
+        abs(result["word_perplexity"] - reference["word_perplexity"]) / reference["word_perplexity"],
+        abs=1e-15,
     )
     assert result["agreement"]["within_tolerance"] is True
     assert result["byte_perplexity"] == pytest.approx(reference["byte_perplexity"], rel=1e-5)

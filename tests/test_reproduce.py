@@ -212,6 +212,7 @@ def test_a_failing_run_stops_the_script_with_its_exit_status(tmp_path):
     assert "total wall time:" in result.stdout and "(exit status 2)" in result.stdout
     rows = list(csv.reader((tmp_path / "o" / "timings.tsv").open(), delimiter="\t"))
     assert [row[0] for row in rows[1:]] == ["fp"] and rows[1][2] == "2"  # A never ran
+    assert (tmp_path / "o" / "fp" / "process.tsv").read_text().splitlines()[1].split("\t")[2] == "2"
     assert not (tmp_path / "o" / "summary.md").exists()
 
 
@@ -230,6 +231,8 @@ def test_smoke_run_writes_reports_summary_plot_and_bundle(smoke_run):
         if name != "fp":
             assert report["recipe_name"] == name
             assert report["recipe"]["source_path"] == str(base / "recipes" / f"{name}.toml")
+            # The baseline is the fp run's job; quantize skips its own when mxptq offers the flag.
+            assert ("fp" in report["metrics"]) == ("--no-fp-eval" not in report["argv"])
     # The unquantized model evaluated once, by the fp run: the quantize runs skipped theirs.
     assert "word_perplexity" in json.loads((out / "fp" / "report.json").read_text())["metrics"]["fp"]
 
@@ -237,6 +240,9 @@ def test_smoke_run_writes_reports_summary_plot_and_bundle(smoke_run):
     assert timings[0] == ["config", "wall_s", "exit_status", "command"]
     assert [row[0] for row in timings[1:]] == SMOKE_CONFIGS
     assert all(row[2] == "0" and float(row[1]) > 0 for row in timings[1:])
+    for row in timings[1:]:  # the same row, next to the config's report
+        own = list(csv.reader((out / row[0] / "process.tsv").open(), delimiter="\t"))
+        assert own == [timings[0], row]
 
     summary = (out / "summary.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in summary[2:]][1:] == SMOKE_CONFIGS[1:]
@@ -249,6 +255,7 @@ def test_smoke_run_writes_reports_summary_plot_and_bundle(smoke_run):
         members = sorted(m.name.removeprefix("./") for m in bundle.getmembers() if m.isfile())
     assert members == sorted([
         *(f"{name}/report.json" for name in SMOKE_CONFIGS),
+        *(f"{name}/process.tsv" for name in SMOKE_CONFIGS),
         "mxfp4_output/checkpoints/config_c_rotsearch/rotation_decisions.json",
         "progression.png", "summary.md", "table.md", "timings.tsv",
     ])
@@ -310,6 +317,8 @@ def write_synthetic(directory: Path, ppl: dict[str, float]) -> Path:
         (directory / name / "report.json").write_text(json.dumps(synthetic_report(name, value)))
     lines = ["config\twall_s\texit_status\tcommand"] + [f"{name}\t{i + 20}.5\t0\tx" for i, name in enumerate(ppl)]
     (directory / "timings.tsv").write_text("\n".join(lines) + "\n")
+    # A run's own process.tsv wins over the log (a config directory merged from another run).
+    (directory / "fp" / "process.tsv").write_text("config\twall_s\texit_status\tcommand\nfp\t99.0\t0\tx\n")
     return directory
 
 
@@ -334,6 +343,7 @@ def test_plot_writes_png_and_table_rows_from_the_reports(tmp_path):
     assert [row["config"] for row in rows] == list(PPL)  # reproduce_tutorial.sh's order
     by_name = {row["config"]: row for row in rows}
     assert by_name["fp"]["elements"] == "unquantized (float16)"
+    assert by_name["fp"]["process s"] == "99.0"
     assert by_name["tutorial_b_gptq"]["word ppl"] == "200.00"
     assert by_name["tutorial_b_gptq"]["token ppl"] == "100.00"
     # load 10 + gptq 20 + eval 5; timings.tsv row index 5 (reversed order) -> 25.5 s

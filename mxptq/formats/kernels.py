@@ -97,14 +97,14 @@ class _KernelSpec:
     nonfinite: int  # _triton_mx.NONFINITE_*
 
     def constexprs(self) -> dict:
-        return dict(
-            MODE=self.mode, QMAX_LOG2=self.qmax_log2, QMAX_SIGNIFICAND=self.qmax_significand,
-            SHARED_OFFSET=self.shared_offset, SHARED_MIN=self.shared_min,
-            SHARED_MAX=self.shared_max, ZERO_SHARED=self.zero_shared, CODE_SHIFT=self.code_shift,
-            IS_INT=self.is_int, CODE_MAX_POS=self.code_max_pos, CODE_MAX_NEG=self.code_max_neg,
-            ELEM_EMIN=self.elem_emin, ELEM_MAN_BITS=self.elem_man_bits, ELEM_MAX=self.elem_max,
-            NONFINITE=self.nonfinite,
-        )
+        return {
+            "MODE": self.mode, "QMAX_LOG2": self.qmax_log2, "QMAX_SIGNIFICAND": self.qmax_significand,
+            "SHARED_OFFSET": self.shared_offset, "SHARED_MIN": self.shared_min,
+            "SHARED_MAX": self.shared_max, "ZERO_SHARED": self.zero_shared, "CODE_SHIFT": self.code_shift,
+            "IS_INT": self.is_int, "CODE_MAX_POS": self.code_max_pos, "CODE_MAX_NEG": self.code_max_neg,
+            "ELEM_EMIN": self.elem_emin, "ELEM_MAN_BITS": self.elem_man_bits, "ELEM_MAX": self.elem_max,
+            "NONFINITE": self.nonfinite,
+        }
 
 
 def _significand_of(value: float) -> tuple[int, int]:
@@ -151,11 +151,11 @@ def _kernel_spec(fmt) -> _KernelSpec | None:
     else:
         return None
     qmax_log2, qmax_significand = _significand_of(element.max_value)
-    fields = dict(
-        mode=mode, qmax_log2=qmax_log2, qmax_significand=qmax_significand, shared_offset=offset,
-        shared_min=spec.SCALE_EXP_MIN, shared_max=spec.SCALE_EXP_MAX,
-        zero_shared=spec.SCALE_EXP_ZERO_BLOCK, nonfinite=_triton_mx.NONFINITE_BLOCK_NAN,
-    )
+    fields = {
+        "mode": mode, "qmax_log2": qmax_log2, "qmax_significand": qmax_significand, "shared_offset": offset,
+        "shared_min": spec.SCALE_EXP_MIN, "shared_max": spec.SCALE_EXP_MAX,
+        "zero_shared": spec.SCALE_EXP_ZERO_BLOCK, "nonfinite": _triton_mx.NONFINITE_BLOCK_NAN,
+    }
     if element.kind == "int":
         lowest, highest = _int_code_range(element, rule)
         return _KernelSpec(code_shift=-element.man_bits, is_int=True, code_max_pos=float(highest),
