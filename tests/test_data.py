@@ -176,7 +176,7 @@ def test_environment_variable_sets_the_directory(tmp_path, monkeypatch):
 
 
 def test_hugging_face_datasets_are_used_without_a_directory(monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")  # a runtime dependency; absent on the GPU box
 
     monkeypatch.delenv("MXPTQ_DATA_DIR", raising=False)
     calls = []
@@ -197,7 +197,7 @@ def test_hugging_face_datasets_are_used_without_a_directory(monkeypatch):
 
 
 def test_hugging_face_failure_is_a_data_error(monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     monkeypatch.delenv("MXPTQ_DATA_DIR", raising=False)
 
