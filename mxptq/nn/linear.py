@@ -53,7 +53,8 @@ class MXLinear(nn.Module):
         self.bypass = bypass
         self.weight_fmt: Format | None = None if bypass else getattr(config, "weight", None)
         self.bias_fmt: Format | None = None if bypass else getattr(config, "bias", None)
-        self.input_quantizer = ActQuantizer(None if bypass else getattr(config, "data_in", None))
+        # share_input: F.linear never modifies its input, so q/k/v (gate/up) may share one result.
+        self.input_quantizer = ActQuantizer(None if bypass else getattr(config, "data_in", None), share_input=True)
         self.weight_source = "float"
 
         with torch.no_grad():

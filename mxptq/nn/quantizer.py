@@ -8,6 +8,7 @@ set, owns its own tensors and device placement (`mxptq.nn.hadamard.get_rotation(
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Protocol
 
 import torch
@@ -33,26 +34,87 @@ class Rotation(Protocol):
         ...
 
 
+# Issue 9: q_proj/k_proj/v_proj read the same hidden states, and gate_proj/up_proj too; with the
+# same format and rotation their quantized inputs are identical, so the second and third calls
+# reuse the first result (quantizers built with share_input=True: MXLinear's input quantizer).
+# Only the last result is held (memory does not grow). The result is returned unchanged only if
+# its own version counter shows no in-place change either. A hit needs the
+# very same tensor object (held by a weak reference: a freed tensor's address may be reused by
+# a new one, a dead weak reference never matches), unchanged since -- same version counter
+# (bumped by every in-place op, also through views), data pointer, shape, strides, dtype --
+# and an equal format and rotation. Inference-mode tensors carry no version counter: for them
+# a hit relies on the object identity within the one-entry window (each quantizer call
+# replaces the entry), i.e. on no in-place change of a quantizer's input between two
+# consecutive quantizer calls on it, which holds in the forward of every supported model
+# (the projections consume the same hidden states back to back). Code that does modify an
+# inference tensor in place between such calls calls `clear_input_cache()`.
+# Off: `mxptq.nn.quantizer.SHARE_QUANTIZED_INPUTS = False`.
+SHARE_QUANTIZED_INPUTS = True
+# (weakref to x, x's version, data_ptr, shape, stride, dtype, fmt, rotation, result, result's version)
+_last_input: tuple | None = None
+
+
+def clear_input_cache() -> None:
+    """Forget the held quantized input (see SHARE_QUANTIZED_INPUTS)."""
+    global _last_input
+    _last_input = None
+
+
+def _version(x: torch.Tensor) -> int:
+    # Inference tensors have no version counter (reading it raises, which costs ~10 us).
+    return -1 if x.is_inference() else x._version
+
+
 class ActQuantizer:
     """`q(x)`: x unchanged if `fmt` is None (bypass); `quantize(x, fmt)` along the last axis;
     `rotation.inverse(quantize(rotation.forward(x), fmt))` once rotation search sets `.rotation`.
 
     A rotation without a format is meaningless (it would cancel out), so it is ignored when
-    bypassed."""
+    bypassed. With `share_input=True`, consecutive calls of such quantizers on the same unchanged
+    tensor with the same format and rotation share one result (see SHARE_QUANTIZED_INPUTS)."""
 
-    __slots__ = ("fmt", "rotation")
+    __slots__ = ("fmt", "rotation", "share_input")
 
-    def __init__(self, fmt: Format | None, rotation: Rotation | None = None) -> None:
+    def __init__(self, fmt: Format | None, rotation: Rotation | None = None, *, share_input: bool = False) -> None:
         self.fmt = fmt
         self.rotation = rotation
+        # Only for consumers that never modify the quantized tensor in place (MXLinear: F.linear),
+        # since the consumers of one shared result see the same tensor.
+        self.share_input = share_input
 
     @property
     def enabled(self) -> bool:
         return self.fmt is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt is None:
+        global _last_input
+        fmt = self.fmt
+        if fmt is None:
             return x
+        if not (self.share_input and SHARE_QUANTIZED_INPUTS) or (x.requires_grad and torch.is_grad_enabled()):
+            return self._compute(x)
+        rotation = self.rotation
+        entry = _last_input  # one read: another thread may replace it meanwhile
+        version = _version(x)
+        if (
+            entry is not None
+            and entry[0]() is x
+            and entry[1] == version
+            and entry[2] == x.data_ptr()
+            and entry[3] == x.shape
+            and entry[4] == x.stride()
+            and entry[5] == x.dtype
+            and (entry[6] is fmt or entry[6] == fmt)
+            and (entry[7] is rotation or (entry[7] is not None and entry[7] == rotation))
+            and entry[9] == _version(entry[8])
+        ):
+            return entry[8]
+        y = self._compute(x)
+        _last_input = (weakref.ref(x), version, x.data_ptr(), x.shape, x.stride(), x.dtype, fmt, rotation, y,
+                       _version(y))
+        return y
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation is None:
             return quantize(x, self.fmt, axis=-1)
         if x.is_cuda:

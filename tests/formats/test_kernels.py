@@ -223,3 +223,110 @@ def test_dispatch_from_formats_quantize_on_cuda() -> None:
     fmt = Format(ELEMENT_FORMATS["int4"], 32)
     x = torch.randn(8, 512, 2048, device="cuda", dtype=torch.bfloat16) * 3
     _assert_same(quantize(x, fmt).cpu(), quantize_reference(x.cpu(), fmt), "dispatch")
+
+
+# ---- the compiled-kernel launch path (issue 9: host time per call) ----
+# On CPU the interpreter compiles nothing, so these drive `kernels._launch` with a stand-in
+# for a @triton.jit function: it records which path each launch took and with what arguments.
+
+
+class _FakeCompiled:
+    function = object()
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("compiled", grid, args))
+
+
+class _FakeJit:
+    arg_names = ("x_ptr", "y_ptr", "n", "A", "B")
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, **constexprs):
+            self.log.append(("jit", grid, args, num_warps, constexprs))
+            return _FakeCompiled(self.log)
+
+        return run
+
+
+def test_launch_reuses_the_compiled_kernel_with_constexprs_in_parameter_order(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
+    jit = _FakeJit()
+    config = kernels._LaunchConfig(jit, 3, {"B": 7, "A": 5}, num_warps=4)
+    x, y = torch.zeros(64), torch.zeros(64)
+    kernels._launch(config, (2, 1, 1), (x, y, 64))
+    kernels._launch(config, (3, 1, 1), (x, y, 64 + 16))  # same specialization (n % 16 == 0)
+    assert jit.log[0] == ("jit", (2, 1, 1), (x, y, 64), 4, {"B": 7, "A": 5})
+    assert jit.log[1] == ("compiled", (3, 1, 1), (x, y, 80, 5, 7))  # A, B: the kernel's order
+
+
+@pytest.mark.parametrize("change", ["misaligned", "int_one", "int_not_16", "int_64bit", "dtype"])
+def test_launch_recompiles_where_triton_would_specialize_differently(monkeypatch, change) -> None:
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
+    jit = _FakeJit()
+    config = kernels._LaunchConfig(jit, 3, {"A": 5, "B": 7}, num_warps=4)
+    x, y = torch.zeros(64), torch.zeros(64)
+    kernels._launch(config, (1, 1, 1), (x, y, 64))
+    args = {
+        "misaligned": (x[1:], y, 64),  # 4-byte offset: no 16-byte alignment
+        "int_one": (x, y, 1),  # Triton makes an int 1 a constant
+        "int_not_16": (x, y, 65),
+        "int_64bit": (x, y, 2**33),
+        "dtype": (x.half(), y, 64),
+    }[change]
+    kernels._launch(config, (1, 1, 1), args)
+    assert [entry[0] for entry in jit.log] == ["jit", "jit"]
+
+
+def test_launch_switched_off_always_takes_the_generic_path(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
+    jit = _FakeJit()
+    config = kernels._LaunchConfig(jit, 3, {"A": 5, "B": 7}, num_warps=4)
+    x = torch.zeros(64)
+    for _ in range(3):
+        kernels._launch(config, (1, 1, 1), (x, x, 64))
+    assert [entry[0] for entry in jit.log] == ["jit"] * 3
+
+
+def test_launch_config_for_an_unexpected_parameter_list_uses_the_generic_path(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
+    jit = _FakeJit()
+    config = kernels._LaunchConfig(jit, 3, {"A": 5}, num_warps=4)  # B missing: never guess
+    assert config.tail is None
+    x = torch.zeros(64)
+    kernels._launch(config, (1, 1, 1), (x, x, 64))
+    kernels._launch(config, (1, 1, 1), (x, x, 64))
+    assert [entry[0] for entry in jit.log] == ["jit", "jit"]
+
+
+def test_real_kernels_parameter_lists_match_the_launch_configs() -> None:
+    """The three kernels take their runtime arguments first and the constexprs after, as the
+    configs built in kernels.py assume (n_runtime = 3, 5, 12)."""
+    from mxptq.formats import _triton_mx
+
+    fmt = Format(ELEMENT_FORMATS["int4"], 32)
+    x = torch.randn(4, 64, device=DEVICE)
+    kernels.fake_quantize_last_axis(x, fmt)  # flat
+    kernels.fake_quantize_last_axis(torch.randn(4, 48, device=DEVICE), fmt)  # ragged rows
+    kernels.rotated_fake_quantize(torch.randn(16, 64, device=DEVICE), fmt, hadamard.get_rotation(64))
+    configs = kernels._format_entry(fmt).configs.values()
+    kinds = {c.kernel for c in configs}
+    assert kinds == {_triton_mx.mx_fake_quantize_flat_kernel, _triton_mx.mx_fake_quantize_kernel,
+                     _triton_mx.mx_rotated_kernel}
+    for config in configs:
+        assert config.tail is not None, config.kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_repeated_calls_stay_exact(dtype) -> None:
+    """The second and later launches (the compiled-kernel path on CUDA) give the reference too,
+    across sizes that share and that change the specialization."""
+    fmt = Format(ELEMENT_FORMATS["int4"], 32)
+    for rows in (3, 64, 3, 65, 64):
+        x = (torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
+        _assert_same(kernels.fake_quantize_last_axis(x.to(DEVICE), fmt).cpu(), quantize_reference(x, fmt), "rep")
