@@ -107,6 +107,8 @@ def main() -> int:
     ap.add_argument("--skip-reference", action="store_true", help="skip the torch-reference rows")
     ap.add_argument("--compare-legacy", action="store_true",
                     help="also run A and C with the issue-9 host-time fixes off (same process)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run all rows this many times in sequence (the first pass also pays first-shape costs)")
     ap.add_argument("--stem", default="bench_eval_speed", help="output file names: STEM.json, STEM.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -143,31 +145,32 @@ def main() -> int:
                 candidate.enable()
             note = f"rotated: {[c.matmul_type for c in candidates]}" + (f"; skipped {skipped}" if skipped else "")
         seconds, metrics = _timed_eval(model, tokenizer, docs, args)
-        rows.append(dict(config=label, kernels=kernels_on, host_fixes=host_fixes, seconds=seconds,
+        rows.append(dict(config=label, kernels=kernels_on, host_fixes=host_fixes, seconds=seconds, repeat=repeat,
                          word_perplexity=metrics.get("word_perplexity"), note=note))
         print(f"{label}: {seconds:.1f} s, word ppl {metrics.get('word_perplexity')}", file=sys.stderr)
         del model
         gc.collect()
         torch.cuda.empty_cache()
 
-    run("fp16", None, True)
-    run("A (W4A4KV4 RTN)", "a_rtn", True)
-    if args.compare_legacy:
-        run("A (W4A4KV4 RTN)", "a_rtn", True, host_fixes=False)
-    if not args.skip_reference:
-        run("A (W4A4KV4 RTN)", "a_rtn", False)
-    run("C (RTN weights + rotations)", "c_rotsearch", True)
-    if args.compare_legacy:
-        run("C (RTN weights + rotations)", "c_rotsearch", True, host_fixes=False)
-    if not args.skip_reference:
-        run("C (RTN weights + rotations)", "c_rotsearch", False)
+    for repeat in range(args.repeat):
+        run("fp16", None, True)
+        run("A (W4A4KV4 RTN)", "a_rtn", True)
+        if args.compare_legacy:
+            run("A (W4A4KV4 RTN)", "a_rtn", True, host_fixes=False)
+        if not args.skip_reference:
+            run("A (W4A4KV4 RTN)", "a_rtn", False)
+        run("C (RTN weights + rotations)", "c_rotsearch", True)
+        if args.compare_legacy:
+            run("C (RTN weights + rotations)", "c_rotsearch", True, host_fixes=False)
+        if not args.skip_reference:
+            run("C (RTN weights + rotations)", "c_rotsearch", False)
     _set_kernels(True)
     _set_host_fixes(True)
     call_us = _quantize_call_us(getattr(torch, args.dtype)) if args.compare_legacy else None
 
-    base = rows[0]["seconds"]
+    base = {r["repeat"]: r["seconds"] for r in rows if r["config"] == "fp16"}
     for r in rows:
-        r["x_fp16"] = r["seconds"] / base
+        r["x_fp16"] = r["seconds"] / base[r["repeat"]]  # the fp16 row of the same pass
     import triton
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -178,10 +181,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# Eval time on {meta['device']}", "", *[f"- {k}: `{v}`" for k, v in meta.items() if k != "device"],
-             "", "| config | kernels | time (s) | x fp16 | word ppl | note |", "|---|---|---:|---:|---:|---|"]
+             "", "| pass | config | kernels | time (s) | x fp16 | word ppl | note |", "|---:|---|---|---:|---:|---:|---|"]
     for r in rows:
         kind = ("fused" if r["host_fixes"] else "fused, generic Triton launch, no sharing") if r["kernels"] else "torch reference"
-        lines.append(f"| {r['config']} | {kind} | {r['seconds']:.1f} | "
+        lines.append(f"| {r['repeat'] + 1} | {r['config']} | {kind} | {r['seconds']:.1f} | "
                      f"{r['x_fp16']:.2f} | {r['word_perplexity']:.4f} | {r['note']} |")
     (args.out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -20,6 +20,12 @@ from typing import Any
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels are tested through Triton's CPU interpreter. The variable must
+# be set before anything imports triton (mxptq.nn imports the kernels module on first use), so it
+# is set here, not in the kernel tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The test machines have 2 cores shared with other work; torch's default intra-op thread pool
 # oversubscribes them and makes small-tensor tests many times slower.
 torch.set_num_threads(1)
