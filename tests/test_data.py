@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from offline import DATA_DIR, needs_data
 
 from mxptq.data import (
     HF_DOCUMENTS_DATASET,
@@ -22,19 +21,6 @@ from mxptq.data import (
     tokenize_joined,
 )
 from mxptq.errors import DataError
-
-
-def _find_data_dir() -> Path | None:
-    candidates = [os.environ.get("MXPTQ_DATA_DIR")]
-    candidates += [str(p / "shared" / "data" / "wikitext-2-raw-v1") for p in Path(__file__).resolve().parents]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "wiki.test.raw").is_file():
-            return Path(candidate)
-    return None
-
-
-DATA_DIR = _find_data_dir()
-needs_data = pytest.mark.skipif(DATA_DIR is None, reason="local WikiText-2 raw files not found")
 
 # Published figures (data README: sha256 of the zip's files, HF card num_examples / num_bytes,
 # GPTQ-style "\n\n" join, lm-eval document counts).

@@ -10,46 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from offline import DATA_DIR, byte_tokenizer, needs_data
 from typer.testing import CliRunner
 
 from mxptq.cli import app
 from mxptq.data import WikiText
 
-
-def _find_data_dir() -> Path | None:
-    candidates = [os.environ.get("MXPTQ_DATA_DIR")]
-    candidates += [str(p / "shared" / "data" / "wikitext-2-raw-v1") for p in Path(__file__).resolve().parents]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "wiki.test.raw").is_file():
-            return Path(candidate)
-    return None
-
-
-DATA_DIR = _find_data_dir()
-needs_data = pytest.mark.skipif(
-    DATA_DIR is None, reason="WikiText-2 raw files not found (set MXPTQ_DATA_DIR)"
-)
-
 CONTEXT = 512  # the tiny model's max_position_embeddings
-
-
-def _byte_tokenizer():
-    """An offline byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({"<s>": 256, "</s>": 257})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +30,7 @@ def tiny_model_dir(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("tiny_llama")
     make_tiny_llama(seed=0, vocab_size=258, max_position_embeddings=CONTEXT).save_pretrained(directory)
-    _byte_tokenizer().save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
     return directory
 
 

@@ -7,14 +7,13 @@ float64 reference written here, HF's built-in causal-LM loss, and lm-eval run en
 from __future__ import annotations
 
 import math
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from offline import DATA_DIR, byte_tokenizer, needs_data
 
 from mxptq.data import WikiText
 from mxptq.errors import DataError
@@ -33,34 +32,8 @@ from mxptq.evaluate import (
     word_perplexity_native,
 )
 
-
-def _find_data_dir() -> Path | None:
-    candidates = [os.environ.get("MXPTQ_DATA_DIR")]
-    candidates += [str(p / "shared" / "data" / "wikitext-2-raw-v1") for p in Path(__file__).resolve().parents]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "wiki.test.raw").is_file():
-            return Path(candidate)
-    return None
-
-
-DATA_DIR = _find_data_dir()
-needs_data = pytest.mark.skipif(DATA_DIR is None, reason="local WikiText-2 raw files not found")
-
 lm_eval_utils = pytest.importorskip("lm_eval.utils")
 preprocess_wikitext = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
-
-
-def byte_tokenizer():
-    """An offline byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({"<s>": 256, "</s>": 257})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")

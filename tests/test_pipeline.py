@@ -4,17 +4,12 @@ tutorial's config A unchanged, then `mxptq eval-ppl --checkpoint` on what it wro
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
+from offline import DATA_DIR, needs_data
 from typer.testing import CliRunner
 
 from mxptq.cli import app
-
-DATA_DIR = os.environ.get("MXPTQ_DATA_DIR") or str(
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1"
-)
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +18,14 @@ def quantized_run(tmp_path_factory, demo_model):
     out = tmp_path_factory.mktemp("run_a")
     result = CliRunner().invoke(app, [
         "quantize", "recipes/tutorial_a_rtn.toml", "--model", "smollm2-135m", "--device", "cpu",
-        "--data-dir", DATA_DIR, "--limit", "1", "--out", str(out), "--no-progress",
+        "--data-dir", str(DATA_DIR), "--limit", "1", "--out", str(out), "--no-progress",
     ])
     assert result.exit_code == 0, result.output
     return out, result
 
 
 @pytest.mark.demo
+@needs_data
 def test_quantize_tutorial_a_writes_report_and_checkpoint(quantized_run):
     out, result = quantized_run
     report = json.loads((out / "report.json").read_text())
@@ -49,11 +45,12 @@ def test_quantize_tutorial_a_writes_report_and_checkpoint(quantized_run):
 
 
 @pytest.mark.demo
+@needs_data
 def test_eval_ppl_of_the_checkpoint_reproduces_the_quantized_perplexity(quantized_run, tmp_path):
     out, _ = quantized_run
     report = json.loads((out / "report.json").read_text())
     result = CliRunner().invoke(app, [
-        "eval-ppl", "--checkpoint", str(out / "checkpoint"), "--device", "cpu", "--data-dir", DATA_DIR,
+        "eval-ppl", "--checkpoint", str(out / "checkpoint"), "--device", "cpu", "--data-dir", str(DATA_DIR),
         "--limit", "1", "--out", str(tmp_path), "--no-progress",
     ])
     assert result.exit_code == 0, result.output
