@@ -10,12 +10,15 @@ the rename itself survives a power loss (POSIX: rename durability needs the pare
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def fsync_dir(directory: Path) -> None:
@@ -90,3 +93,11 @@ def atomic_save_safetensors(
     with atomic_path(target) as tmp_path:
         save_file(dict(tensors), str(tmp_path), metadata=dict(metadata) if metadata else None)
     return target
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (calibration windows in cache keys)."""
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+    # Bytes through a uint8 view: numpy has no bfloat16.
+    digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -223,7 +223,7 @@ def load_model(cfg: Any) -> tuple[torch.nn.Module, Any, ModelInfo]:
     model.to(device)
 
     fingerprint, method = (
-        (fingerprint, "file-sha256") if fingerprint is not None else (_weights_sha256(model), "sampled-weights-v1")
+        (fingerprint, "file-sha256") if fingerprint is not None else (weights_sha256(model), "sampled-weights-v1")
     )
     loaded_dtype = next(model.parameters()).dtype
     info = ModelInfo(
@@ -319,7 +319,7 @@ def _file_sha256(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _weights_sha256(model: torch.nn.Module) -> str:
+def weights_sha256(model: torch.nn.Module) -> str:
     """ "sampled-weights-v1" (module docstring): names, dtypes, shapes, and all or a strided sample
     of the bytes of every state-dict tensor."""
     digest = hashlib.sha256()

@@ -35,11 +35,7 @@ def _open(recipe: Recipe, opts: RunOptions, command: str) -> tuple[Any, RunConte
     # below could turn it into float32 (then A would be evaluated in fp16 and B/C in fp32).
     dtype = str(resolve_dtype(recipe.model.dtype, device)).removeprefix("torch.")
     model_cfg = recipe.model.model_copy(update={"name": recipe.model_name, "dtype": dtype})
-    report = Report(command, device=device)
-    report["argv"] = list(opts.argv)
-    report["recipe_name"] = recipe.name
-    report["recipe"] = recipe.to_dict()
-    report["recipe_sha256"] = recipe.sha256
+    report = _new_report(command, recipe, opts, device)
     with report.stage("load"):
         # Stages that calibrate layer by layer move one layer at a time to the accelerator, so
         # the model is loaded on the CPU when GPTQ runs (models larger than GPU memory work).
@@ -62,6 +58,15 @@ def _open(recipe: Recipe, opts: RunOptions, command: str) -> tuple[Any, RunConte
         model_info=info, force=opts.force, progress=opts.progress and not opts.quiet,
     )
     return model, ctx
+
+
+def _new_report(command: str, recipe: Recipe, opts: RunOptions, device: torch.device) -> Report:
+    report = Report(command, device=device)
+    report["argv"] = list(opts.argv)
+    report["recipe_name"] = recipe.name
+    report["recipe"] = recipe.to_dict()
+    report["recipe_sha256"] = recipe.sha256
+    return report
 
 
 def _requested_device(device: str) -> torch.device:
@@ -90,7 +95,8 @@ def _evaluate(model: Any, recipe: Recipe, ctx: RunContext, name: str) -> dict[st
 
 
 def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
-    """gptq -> transform -> rotsearch, each timed in the report."""
+    """gptq -> transform -> rotsearch, each timed in the report (the transform stage records its
+    own time with its summary)."""
     from mxptq.stages.transform import quantize_model
 
     if _needs_gptq(recipe):
@@ -99,8 +105,7 @@ def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
         with ctx.report.stage("gptq"):
             model = run_gptq(model, recipe, ctx)
         model.to(ctx.device)
-    with ctx.report.stage("transform"):
-        model = quantize_model(model, recipe, ctx)
+    model = quantize_model(model, recipe, ctx)
     if recipe.rotation_search is not None:
         from mxptq.stages.rotsearch import run_rotation_search
 
@@ -171,7 +176,7 @@ def run_eval_ppl(recipe: Recipe | None, opts: RunOptions) -> RunResult:
     quantized model (quantized in memory), or of the unquantized model (a recipe with no
     selectors, i.e. --model alone)."""
     if opts.checkpoint is not None:
-        return _eval_checkpoint(recipe, opts)
+        return _eval_checkpoint(opts)
     assert recipe is not None
     model, ctx = _open(recipe, opts, "eval-ppl")
     if recipe.selectors:
@@ -184,18 +189,13 @@ def run_eval_ppl(recipe: Recipe | None, opts: RunOptions) -> RunResult:
     return _finish(ctx, recipe.output_dir, metrics)
 
 
-def _eval_checkpoint(recipe: Recipe | None, opts: RunOptions) -> RunResult:
-    from mxptq.checkpoint import load_quantized
+def _eval_checkpoint(opts: RunOptions) -> RunResult:
+    from mxptq.checkpoint import load_quantized, read_recipe
     from mxptq.data import WikiText
 
-    stored = load_recipe_of_checkpoint(opts.checkpoint)
     # Flags given on the command line (data dir, limit, device...) win over the stored recipe.
-    recipe = stored.with_overrides(**opts.overrides)
-    report = Report("eval-ppl", device=_requested_device(recipe.model.device))
-    report["argv"] = list(opts.argv)
-    report["recipe_name"] = recipe.name
-    report["recipe"] = recipe.to_dict()
-    report["recipe_sha256"] = recipe.sha256
+    recipe = read_recipe(opts.checkpoint).with_overrides(**opts.overrides)
+    report = _new_report("eval-ppl", recipe, opts, _requested_device(recipe.model.device))
     with report.stage("load"):
         model, tokenizer, meta = load_quantized(opts.checkpoint, device=report.device)
     report["checkpoint"] = {"dir": str(opts.checkpoint), **meta.to_dict()}
@@ -204,12 +204,6 @@ def _eval_checkpoint(recipe: Recipe | None, opts: RunOptions) -> RunResult:
                      progress=opts.progress and not opts.quiet)
     metrics = _evaluate(model, recipe, ctx, "quantized")
     return _finish(ctx, recipe.output_dir, metrics)
-
-
-def load_recipe_of_checkpoint(directory: Path) -> Recipe:
-    from mxptq.checkpoint import read_recipe
-
-    return read_recipe(directory)
 
 
 def release(model: Any) -> None:

@@ -71,7 +71,7 @@ def test_fingerprint_is_stable_and_follows_the_weights(local_model_dir):
     changed, _, _ = load_model(model_cfg(str(path)))
     with torch.no_grad():
         changed.model.layers[1].mlp.down_proj.weight[3, 7] += 1e-3
-    assert models._weights_sha256(changed) != first.fingerprint
+    assert models.weights_sha256(changed) != first.fingerprint
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -60,7 +60,8 @@ from torch import nn
 from mxptq import __version__
 from mxptq.errors import DataError, ModelError, RecipeError
 from mxptq.formats import Format, quantize
-from mxptq.stages.gptq_checkpoint import LayerCheckpoints, tensor_sha256
+from mxptq.io import tensor_sha256
+from mxptq.stages.gptq_checkpoint import LayerCheckpoints
 from mxptq.stages.gptq_math import mx_gptq, output_energy, output_error
 
 GPTQ_FORMAT_ATTR = "_mxptq_gptq_fmt"  # read by mxptq.nn.linear.MXLinear
@@ -502,9 +503,9 @@ def _checkpoint_inputs(
 
 
 def _weights_fingerprint(model: nn.Module) -> str:
-    from mxptq.models import _weights_sha256  # the same fingerprint load_model puts in ModelInfo
+    from mxptq.models import weights_sha256  # the same fingerprint load_model puts in ModelInfo
 
-    return _weights_sha256(model)
+    return weights_sha256(model)
 
 
 def _device(ctx: Any, recipe: Any) -> torch.device:

@@ -45,13 +45,6 @@ def canonical_sha256(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (e.g. the calibration windows)."""
-    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-    digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class LayerCheckpoints:
     """The per-layer checkpoint directory of one GPTQ run.
 

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from mxptq import __version__
+from mxptq.io import atomic_write_json, tensor_sha256
 from mxptq.nn.hadamard import KeyAxisRotation, RotationSizeError, get_rotation
 
 CACHE_SCHEMA = "mxptq.rotation_decisions/1"
@@ -222,11 +223,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    t = tensor.detach().cpu().contiguous()
-    return hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode() + t.numpy().tobytes()).hexdigest()
-
-
 def search_inputs(recipe: Any, model: nn.Module, windows: torch.Tensor) -> dict[str, Any]:
     """Everything the search result depends on (hashed into `input_hash`)."""
     data = recipe.to_dict()
@@ -270,15 +266,6 @@ def read_cache(path: Path, inputs: dict[str, Any]) -> tuple[dict | None, str]:
         changed = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
         return None, f"stale: recomputed because these inputs changed: {', '.join(changed) or 'unknown'}"
     return cache, "hit"
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    try:
-        from mxptq.io import atomic_write_json
-    except ImportError:  # pragma: no cover - io.py is part of the package
-        path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return
-    atomic_write_json(path, obj)
 
 
 # ---------------------------------------------------------------- stage
@@ -362,7 +349,7 @@ def run_rotation_search(model: nn.Module, recipe: Any, ctx: Any) -> nn.Module:
         }
         if cache_path is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_json(cache_path, result)
+            atomic_write_json(cache_path, result)
         result = dict(result, cache_status=status, forwards_this_run=forwards)
 
     report = getattr(ctx, "report", None)
