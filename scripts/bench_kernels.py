@@ -148,16 +148,24 @@ def sweep(args) -> None:
         copy_s = time_device(lambda t: t.clone(), inputs, args.iters)
         for fmt_name in args.formats.split(","):
             fmt = FORMATS[fmt_name]
-            for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
+            for tile, warps in (() if args.sweep_rotated_only else
+                                ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))):
                 kernels.PLAIN_TILE_ELEMENTS, kernels.PLAIN_NUM_WARPS = tile, warps
                 t = time_device(lambda v, f=fmt: kernels.try_quantize(v, f), inputs, args.iters)
-                print(f"| {n} | {dtype_name} | {fmt_name} | plain tile={tile} warps={warps} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |")
-            for split in (3, 2):
-                kernels.ROTATION_MID_SPLIT = split
-                rot = get_rotation(n, block_size=32)
+                print(f"| {n} | {dtype_name} | {fmt_name} | plain tile={tile} warps={warps} | {t * 1e6:.1f} | "
+                      f"{100 * copy_s / t:.0f} |", flush=True)
+            rot = get_rotation(n, block_size=32)
+            defaults = (kernels.ROTATION_TILE_ELEMENTS, kernels.ROTATION_NUM_WARPS, kernels.ROTATION_PROGRAMS_PER_SM)
+            settings = [(tile, warps, per_sm, 3) for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 4))
+                        for per_sm in (2, 4)] + [(*defaults[:3], 2)]
+            for tile, warps, per_sm, split in settings:
+                (kernels.ROTATION_TILE_ELEMENTS, kernels.ROTATION_NUM_WARPS,
+                 kernels.ROTATION_PROGRAMS_PER_SM, kernels.ROTATION_MID_SPLIT) = tile, warps, per_sm, split
                 t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
-                print(f"| {n} | {dtype_name} | {fmt_name} | rotated split={split} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |")
-            kernels.ROTATION_MID_SPLIT = 3
+                print(f"| {n} | {dtype_name} | {fmt_name} | rotated tile={tile} warps={warps} programs/SM={per_sm} "
+                      f"split={split} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
+            (kernels.ROTATION_TILE_ELEMENTS, kernels.ROTATION_NUM_WARPS,
+             kernels.ROTATION_PROGRAMS_PER_SM, kernels.ROTATION_MID_SPLIT) = (*defaults, 3)
         kernels.PLAIN_TILE_ELEMENTS, kernels.PLAIN_NUM_WARPS = 4096, 4
         del x, inputs
         torch.cuda.empty_cache()
@@ -174,6 +182,7 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
     ap.add_argument("--sweep", action="store_true", help="only time kernel settings (tile, warps, split)")
+    ap.add_argument("--sweep-rotated-only", action="store_true", help="with --sweep: only the rotated kernel")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA device", file=sys.stderr)

@@ -267,9 +267,26 @@ def _fake_quantize_tile(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
                                      SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
                                      CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS,
                                      ELEM_MAX, NONFINITE)
+    amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)[:, None]
+    return _fake_quantize_given_amax(x, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
+                                     SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
+                                     CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN,
+                                     ELEM_MAN_BITS, ELEM_MAX)
+
+
+@triton.jit
+def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
+                              QMAX_SIGNIFICAND: tl.constexpr, SHARED_OFFSET: tl.constexpr,
+                              SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr,
+                              ZERO_SHARED: tl.constexpr, CODE_SHIFT: tl.constexpr,
+                              IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
+                              CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
+                              ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr):
+    """The block-NaN fake-quantization of `_fake_quantize_tile` for any tile shape: amax_bits
+    holds each element's block amax bit pattern (|x| bits maximized over the block), in a shape
+    that broadcasts against x with singleton block axes, so per-block work stays per block."""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
-    amax_bits = tl.max(bits & 0x7FFFFFFF, axis=1)
     nonfinite = amax_bits >= 0x7F800000
     is_zero = amax_bits == 0
     amax = tl.where(is_zero, 1065353216, amax_bits).to(tl.float32, bitcast=True)  # 1.0 if zero
@@ -279,11 +296,11 @@ def _fake_quantize_tile(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
     code_exp = shared_exp + CODE_SHIFT
     # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
     down_lo = (-code_exp) >> 1
-    down_1 = _pow2(down_lo)[:, None]
-    down_2 = _pow2(-code_exp - down_lo)[:, None]
+    down_1 = _pow2(down_lo)
+    down_2 = _pow2(-code_exp - down_lo)
     up_lo = code_exp >> 1
-    up_1 = _pow2(up_lo)[:, None]
-    up_2 = _pow2(code_exp - up_lo)[:, None]
+    up_1 = _pow2(up_lo)
+    up_2 = _pow2(code_exp - up_lo)
     mag = tl.abs((x * down_1) * down_2)
     if IS_INT:
         rounded = (mag + 12582912.0) - 12582912.0  # RNE to an integer (mag < 2^22 here)
@@ -297,7 +314,7 @@ def _fake_quantize_tile(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
         rounded = tl.minimum((mag + magic) - magic, ELEM_MAX)
     signed = (rounded.to(tl.int32, bitcast=True) | sign_bit).to(tl.float32, bitcast=True)
     out = (signed * up_1) * up_2
-    return tl.where(nonfinite[:, None], float("nan"), out)
+    return tl.where(nonfinite, float("nan"), out)
 
 
 @triton.jit
@@ -329,53 +346,120 @@ def mx_fake_quantize_flat_kernel(
 
 
 @triton.jit
-def _split_dot(a, b, acc, B_SPLIT: tl.constexpr, MMA: tl.constexpr):
-    """acc + a @ b where a is exact in bf16 (+-1 / 0 Hadamard factor) and b is fp32.
-
-    MMA == 0 (Triton's CPU interpreter): plain fp32 IEEE dot. Otherwise b is written as
-    B_SPLIT bf16 pieces b = hi + mid + lo (each the bf16 rounding of what is left; three pieces
-    carry all 24 significand bits of fp32), and each piece goes through the tensor cores with
-    exact products and fp32 accumulation. B_SPLIT == 1 means b is already exact in bf16."""
+def _as_operand(factor, SPLIT: tl.constexpr, V16: tl.constexpr, MMA: tl.constexpr):
+    """A +-1 / 0 Hadamard factor (fp32 in memory) as the MMA operand type it meets: V16 when the
+    data operand is exact in V16 (SPLIT == 1), bf16 when the data is split into bf16 pieces.
+    Both are exact for +-1 / 0. Converted once per program, outside the row loop."""
     if MMA == 0:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    a16 = a.to(tl.bfloat16)
-    hi = b.to(tl.bfloat16)
-    acc = tl.dot(a16, hi, acc)
-    if B_SPLIT >= 2:
-        rest = b - hi.to(tl.float32)
-        mid = rest.to(tl.bfloat16)
-        acc = tl.dot(a16, mid, acc)
-        if B_SPLIT >= 3:
-            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(a16, lo, acc)
+        return factor
+    elif SPLIT == 1:
+        return factor.to(V16)
+    else:
+        return factor.to(tl.bfloat16)
+
+
+@triton.jit
+def _mm(lhs, rhs, DATA_LEFT: tl.constexpr, SPLIT: tl.constexpr, V16: tl.constexpr,
+        MMA: tl.constexpr):
+    """lhs @ rhs in fp32, one operand fp32 data (lhs if DATA_LEFT), the other a factor from
+    `_as_operand`.
+
+    MMA == 0 (Triton's CPU interpreter): a plain fp32 IEEE dot. Otherwise on the tensor cores
+    with fp32 accumulation and exact products: SPLIT == 1 when the data is exact in V16
+    (16-bit activations, quantized values); SPLIT == 2 / 3 writes the data as that many bf16
+    pieces, each the bf16 rounding of what the previous left (three carry all 24 significand
+    bits of fp32; two carry 16)."""
+    if MMA == 0:
+        return tl.dot(lhs, rhs, input_precision="ieee")
+    if DATA_LEFT:
+        data = lhs
+    else:
+        data = rhs
+    if SPLIT == 1:
+        piece = data.to(V16)
+    else:
+        piece = data.to(tl.bfloat16)
+    if DATA_LEFT:
+        acc = tl.dot(piece, rhs)
+    else:
+        acc = tl.dot(lhs, piece)
+    if SPLIT >= 2:
+        rest = data - piece.to(tl.float32)
+        piece = rest.to(tl.bfloat16)
+        if DATA_LEFT:
+            acc = tl.dot(piece, rhs, acc)
+        else:
+            acc = tl.dot(lhs, piece, acc)
+        if SPLIT >= 3:
+            piece = (rest - piece.to(tl.float32)).to(tl.bfloat16)
+            if DATA_LEFT:
+                acc = tl.dot(piece, rhs, acc)
+            else:
+                acc = tl.dot(lhs, piece, acc)
     return acc
 
 
 @triton.jit
-def _split_dot_right(a, b, A_SPLIT: tl.constexpr, A16: tl.constexpr, MMA: tl.constexpr):
-    """a @ b where b is exact in bf16/fp16 (Hadamard factor, transposed) and a is fp32 whose
-    values are exact in A16 when A_SPLIT == 1 (16-bit activations, quantized values);
-    A_SPLIT == 3: a is split into three bf16 pieces like in _split_dot."""
-    if MMA == 0:
-        return tl.dot(a, b, input_precision="ieee")
-    if A_SPLIT == 1:
-        return tl.dot(a.to(A16), b.to(A16))
-    b16 = b.to(tl.bfloat16)
-    hi = a.to(tl.bfloat16)
-    rest = a - hi.to(tl.float32)
-    mid = rest.to(tl.bfloat16)
-    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-    acc = tl.dot(hi, b16)
-    acc = tl.dot(mid, b16, acc)
-    return tl.dot(lo, b16, acc)
+def _kron_apply(t, a_op1, a_op2, b_op1, b_op2, A_PAD: tl.constexpr, ROWS: tl.constexpr,
+                B_PAD: tl.constexpr, HAS_A: tl.constexpr, A_FIRST: tl.constexpr,
+                SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, V16: tl.constexpr,
+                MMA: tl.constexpr):
+    """(A kron B) applied to every row of the tile t [A_PAD, ROWS, B_PAD] (row r is t[:, r, :],
+    row-major X with vec(X) = the row): A X B^T for each row, as two 2-D MMAs over the whole tile
+
+    * left multiplication by A: t viewed as [A_PAD, ROWS * B_PAD],
+    * right multiplication by B^T: t viewed as [A_PAD * ROWS, B_PAD],
+
+    both plain reshapes of the same row-major tile. The first stage sees the input data
+    (SPLIT1 pieces), the second an fp32 intermediate (SPLIT2 pieces). a_op1/b_op1 are the factors
+    in the first stage's operand type, a_op2/b_op2 in the second's (see `_as_operand`)."""
+    if A_FIRST:  # only with HAS_A (the host sets A_FIRST only then)
+        z = _mm(a_op1, tl.reshape(t, (A_PAD, ROWS * B_PAD)), False, SPLIT1, V16, MMA)
+        z = _mm(tl.reshape(z, (A_PAD * ROWS, B_PAD)), b_op2, True, SPLIT2, V16, MMA)
+    else:
+        z = _mm(tl.reshape(t, (A_PAD * ROWS, B_PAD)), b_op1, True, SPLIT1, V16, MMA)
+        if HAS_A:
+            z = _mm(a_op2, tl.reshape(z, (A_PAD, ROWS * B_PAD)), False, SPLIT2, V16, MMA)
+    return tl.reshape(z, (A_PAD, ROWS, B_PAD))
+
+
+@triton.jit
+def _quantize_rows(t, A_PAD: tl.constexpr, ROWS: tl.constexpr, B_PAD: tl.constexpr,
+                   BLOCK: tl.constexpr, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
+                   QMAX_SIGNIFICAND: tl.constexpr, SHARED_OFFSET: tl.constexpr,
+                   SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr,
+                   ZERO_SHARED: tl.constexpr, CODE_SHIFT: tl.constexpr, IS_INT: tl.constexpr,
+                   CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr,
+                   ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
+                   ELEM_MAX: tl.constexpr):
+    """MX fake-quantize the rows of a tile [A_PAD, ROWS, B_PAD] in blocks of BLOCK consecutive
+    row elements (row element k * B_PAD + p), block-NaN policy. The block amax is a reduction
+    over a 4-D view: [A_PAD, ROWS, B_PAD / BLOCK, BLOCK] when a block lies inside one run of
+    B_PAD, [A_PAD / G, G, ROWS, B_PAD] when it spans G = BLOCK / B_PAD consecutive k of a row.
+    (No permute: on Triton 3.6 permuting a tile that came out of an MMA mixed up rows.)"""
+    G: tl.constexpr = BLOCK // B_PAD  # k per block when a block spans several runs
+    if BLOCK <= B_PAD:
+        blocks = tl.reshape(t, (A_PAD, ROWS, B_PAD // BLOCK, BLOCK))
+        magnitude = blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        amax = tl.max(magnitude, axis=3)[:, :, :, None]
+    else:
+        blocks = tl.reshape(t, (A_PAD // G, G, ROWS, B_PAD))
+        magnitude = blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        amax = tl.max(tl.max(magnitude, axis=3), axis=1)[:, None, :, None]
+    q = _fake_quantize_given_amax(blocks, amax, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
+                                  SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT,
+                                  IS_INT, CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS,
+                                  ELEM_MAX)
+    return tl.reshape(q, (A_PAD, ROWS, B_PAD))
 
 
 @triton.jit
 def mx_rotated_kernel(
-    x_ptr, y_ptr, n_rows, row_len, a_dim, b_dim,
+    x_ptr, y_ptr, n_rows, n_tiles,
     fa_ptr, fb_t_ptr, ia_ptr, ib_t_ptr, forward_scale, inverse_scale,
-    M: tl.constexpr, B_PAD: tl.constexpr, HAS_A: tl.constexpr, MMA: tl.constexpr,
-    IN_SPLIT: tl.constexpr, IN16: tl.constexpr, MID_SPLIT: tl.constexpr,
+    A_DIM: tl.constexpr, A_PAD: tl.constexpr, B_DIM: tl.constexpr, B_PAD: tl.constexpr,
+    ROWS: tl.constexpr, HAS_A: tl.constexpr, A_FIRST: tl.constexpr, MMA: tl.constexpr,
+    IN_SPLIT: tl.constexpr, MID_SPLIT: tl.constexpr, V16: tl.constexpr,
     IO: tl.constexpr, BLOCK: tl.constexpr,
     MODE: tl.constexpr, QMAX_LOG2: tl.constexpr, QMAX_SIGNIFICAND: tl.constexpr,
     SHARED_OFFSET: tl.constexpr, SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr,
@@ -383,46 +467,62 @@ def mx_rotated_kernel(
     CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
     ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr,
 ):
-    """x -> R^-1 Q(R x), one read and one write, with R = forward_scale * (A kron B).
+    """y = R^-1 Q(R x) for every row of a row-major [n_rows, A_DIM * B_DIM] tensor, one read and
+    one write, with R = forward_scale * (A kron B), R^-1 = inverse_scale * (A' kron B').
 
-    HAS_A: one program = one row, seen as the tile X [M = a_dim padded, B_PAD = b_dim]
-    (row-major: vec(X) is the row), and R x = vec(A X B^T): a right multiplication by B^T
-    along the contiguous axis, then a left multiplication by A -- two plain MMAs, no transpose.
-    Without A (R = s * B dense, n <= 128): one program = M rows, one right multiplication.
-    Exactness: 16-bit activations and quantized values are exact MMA inputs (IN_SPLIT 1 /
-    the inverse's first stage); fp32 intermediates are split into MID_SPLIT bf16 pieces."""
+    Persistent: the grid is a few programs per SM; each converts the four factors to MMA
+    operands once, then loops over tiles of ROWS rows. A tile is [A_PAD, ROWS, B_PAD] (A_PAD = 1
+    without A: a dense R = s * B on rows of length B_DIM <= 128). Both directions apply the
+    factors in the same order; the first stage reads exact 16-bit data (the activations, then
+    the quantized values, which carry <= 8 significant bits: IN_SPLIT for fp32 input), the
+    second an fp32 intermediate split into MID_SPLIT bf16 pieces."""
+    tl.static_assert(NONFINITE == 0, "the rotated kernel implements the block-NaN policy only")
     pid = tl.program_id(0)
-    i = tl.arange(0, M)
-    j = tl.arange(0, B_PAD)
+    n_programs = tl.num_programs(0)
     kb = tl.arange(0, B_PAD)
+    b_square = kb[:, None] * B_PAD + kb[None, :]
+    fb_t = tl.load(fb_t_ptr + b_square)
+    ib_t = tl.load(ib_t_ptr + b_square)
     if HAS_A:
-        base = pid.to(tl.int64) * row_len
-        offsets = i[:, None] * b_dim + j[None, :]
-        mask = (i < a_dim)[:, None] & (j < b_dim)[None, :]
+        ka = tl.arange(0, A_PAD)
+        a_square = ka[:, None] * A_PAD + ka[None, :]
+        fa = tl.load(fa_ptr + a_square)
+        ia = tl.load(ia_ptr + a_square)
     else:
-        base = pid.to(tl.int64) * M * row_len
-        offsets = i[:, None] * row_len + j[None, :]
-        mask = (i < n_rows - pid * M)[:, None] & (j < b_dim)[None, :]
-    x = _load_f32_fast(x_ptr + base + offsets, mask, IO)
-    fb_t = tl.load(fb_t_ptr + kb[:, None] * B_PAD + kb[None, :])
-    z = _split_dot_right(x, fb_t, IN_SPLIT, IN16, MMA)
-    if HAS_A:
-        ka = tl.arange(0, M)
-        fa = tl.load(fa_ptr + ka[:, None] * M + ka[None, :])
-        z = _split_dot(fa, z, tl.zeros((M, B_PAD), tl.float32), MID_SPLIT, MMA)
-    # The reference casts R x to the activation dtype before quantizing (Rotation.forward keeps
-    # the dtype), and Q's output too (quantize keeps it): round the same way here.
-    rotated = _round_through_io(z * forward_scale, IO)
-    blocks = tl.reshape(rotated, (M * B_PAD // BLOCK, BLOCK))
-    quantized = _fake_quantize_tile(blocks, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
-                                    SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
-                                    CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS,
-                                    ELEM_MAX, NONFINITE)
-    quantized = _round_through_io(tl.reshape(quantized, (M, B_PAD)), IO)
-    ib_t = tl.load(ib_t_ptr + kb[:, None] * B_PAD + kb[None, :])
-    # quantized values carry <= 8 significant bits: exact in bf16
-    w = _split_dot_right(quantized, ib_t, 1, tl.bfloat16, MMA)
-    if HAS_A:
-        ia = tl.load(ia_ptr + ka[:, None] * M + ka[None, :])
-        w = _split_dot(ia, w, tl.zeros((M, B_PAD), tl.float32), MID_SPLIT, MMA)
-    _store_f32_fast(y_ptr + base + offsets, w * inverse_scale, mask, IO)
+        fa = fb_t  # unused placeholders of a defined type
+        ia = ib_t
+    # First-stage operands meet the input (forward) or the quantized values (inverse, exact in
+    # 16 bits); second-stage operands meet a split fp32 intermediate.
+    fa1 = _as_operand(fa, IN_SPLIT, V16, MMA)
+    fb1 = _as_operand(fb_t, IN_SPLIT, V16, MMA)
+    ia1 = _as_operand(ia, 1, V16, MMA)
+    ib1 = _as_operand(ib_t, 1, V16, MMA)
+    fa2 = _as_operand(fa, MID_SPLIT, V16, MMA)
+    fb2 = _as_operand(fb_t, MID_SPLIT, V16, MMA)
+    ia2 = _as_operand(ia, MID_SPLIT, V16, MMA)
+    ib2 = _as_operand(ib_t, MID_SPLIT, V16, MMA)
+
+    k = tl.arange(0, A_PAD)
+    r = tl.arange(0, ROWS)
+    p = tl.arange(0, B_PAD)
+    ROW_LEN: tl.constexpr = A_DIM * B_DIM
+    local = k[:, None, None] * B_DIM + r[None, :, None] * ROW_LEN + p[None, None, :]
+    inside = (k < A_DIM)[:, None, None] & (p < B_DIM)[None, None, :]
+    for tile in range(pid, n_tiles, n_programs):
+        row0 = (tl.zeros((), tl.int64) + tile) * ROWS  # 64-bit offsets (tile is an int in the interpreter)
+        mask = inside & ((r + row0) < n_rows)[None, :, None]
+        offsets = row0 * ROW_LEN + local
+        x = _load_f32_fast(x_ptr + offsets, mask, IO)
+        z = _kron_apply(x, fa1, fa2, fb1, fb2, A_PAD, ROWS, B_PAD, HAS_A, A_FIRST, IN_SPLIT,
+                        MID_SPLIT, V16, MMA)
+        # The reference casts R x to the activation dtype before quantizing (Rotation.forward
+        # keeps the dtype), and Q's output too (quantize keeps it): round the same way here.
+        rotated = _round_through_io(z * forward_scale, IO)
+        quantized = _quantize_rows(rotated, A_PAD, ROWS, B_PAD, BLOCK, MODE, QMAX_LOG2,
+                                   QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN, SHARED_MAX,
+                                   ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
+                                   ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX)
+        quantized = _round_through_io(quantized, IO)
+        w = _kron_apply(quantized, ia1, ia2, ib1, ib2, A_PAD, ROWS, B_PAD, HAS_A, A_FIRST, 1,
+                        MID_SPLIT, V16, MMA)
+        _store_f32_fast(y_ptr + offsets, w * inverse_scale, mask, IO)

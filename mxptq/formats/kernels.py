@@ -59,8 +59,6 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _IO_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _triton_mx.IO_*
 MAX_BLOCK_SIZE = 1024  # one block must fit in one program's registers
-_ELEMENTS_PER_PROGRAM = 4096  # tile size; 8 warps x 32 threads x 16 elements
-_MAX_ROTATION_TILE = 16384  # padded elements per program in the rotated kernel
 _MAX_DENSE_ROTATION = 128  # rotations up to this size run as one dense matrix
 
 
@@ -377,20 +375,21 @@ def try_quantize(x: torch.Tensor, fmt, axis: int = -1) -> torch.Tensor | None:
 class _RotationPlan:
     """R = s * (A kron B) and R^-1 = s_inv * (A_inv kron B_inv) with integer (+-1 / 0) factors,
     zero-padded to tensor-core friendly powers of two: A as is (left multiplication), B
-    transposed (right multiplication)."""
+    transposed (right multiplication). `a_first`: which factor the kernel applies first (the
+    first stage reads exact 16-bit data, the second a split fp32 intermediate)."""
 
     n: int
     a_dim: int  # A is a_dim x a_dim (1 = no A: R = s * B, n = b_dim)
-    a_pad: int
+    a_pad: int  # 1 without A
     b_dim: int
     b_pad: int  # b_dim padded to a power of two >= 16 (differs only for a dense R, a_dim = 1)
+    a_first: bool
     forward_a: torch.Tensor
     forward_b_t: torch.Tensor
     inverse_a: torch.Tensor
     inverse_b_t: torch.Tensor
     forward_scale: float
     inverse_scale: float
-
 
 def _apply_rotation(rotation, which: str, rows: torch.Tensor) -> torch.Tensor:
     """rotation.<which> on float64 row vectors, on the rotation's device if it is bound to one."""
@@ -447,22 +446,44 @@ def _pow2_at_least(v: int, floor: int = 16) -> int:
     return max(floor, 1 << (v - 1).bit_length())
 
 
+# Bf16 pieces of an fp32 intermediate in the second-stage MMAs (3 = all 24 significand bits).
+ROTATION_MID_SPLIT = 3
+# Largest padded factor the kernel keeps in registers (a 128 x 128 16-bit factor is 32 KiB).
+_MAX_FACTOR = 128
+
+
+def _tensor_core_cost(a_dim: int, a_pad: int, b_dim: int, b_pad: int, a_first: bool) -> float:
+    """MMA flops per real element of one direction of the two-stage kernel: a stage of size m
+    costs 2 m per padded element and per bf16 piece; the first stage reads exact 16-bit data
+    (one piece), the second a split fp32 intermediate (ROTATION_MID_SPLIT pieces); padded rows
+    (a_pad > a_dim, or b_pad > b_dim for a dense R) are computed and thrown away."""
+    first, second = (a_pad, b_pad) if a_first else (b_pad, a_pad)
+    if a_pad == 1:
+        return (b_pad / b_dim) * 2.0 * b_pad
+    return (a_pad / a_dim) * (2.0 * first + 2.0 * ROTATION_MID_SPLIT * second)
+
+
 def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None:
+    """Write R as A kron B with +-1 factors, choosing the split and the stage order with the
+    fewest tensor-core flops per element (`_tensor_core_cost`). Up to 128, a dense R is one
+    candidate (one MMA per direction on exact data)."""
     n = int(rotation.n)
     pow2_part = n & -n
-    # Up to 128, a dense R (one MMA per direction, several rows per program). Beyond, A kron B
-    # (one row per program): the fewest padded elements first, then the largest B (B's MMA
-    # takes exact 16-bit inputs; A's takes a split fp32 intermediate, three MMAs).
+    candidates = []  # (cost, b_dim, a_first)
     if n <= _MAX_DENSE_ROTATION:
-        candidates = [n]
-    else:
-        bs = [b for b in (128, 64, 32, 16) if b <= pow2_part and b < n]
-        candidates = sorted(bs, key=lambda b: (_pow2_at_least(n // b) * b, -b))
-    for b_dim in candidates:
+        candidates.append((_tensor_core_cost(1, 1, n, _pow2_at_least(n), False), n, False))
+    for b_dim in (128, 64, 32, 16):
+        if b_dim > pow2_part or b_dim >= n:
+            continue
+        a_dim = n // b_dim
+        a_pad = _pow2_at_least(a_dim)
+        if a_pad > _MAX_FACTOR:
+            continue
+        for a_first in (False, True):
+            candidates.append((_tensor_core_cost(a_dim, a_pad, b_dim, b_dim, a_first), b_dim, a_first))
+    for _cost, b_dim, a_first in sorted(candidates, key=lambda c: (c[0], -c[1])):
         a_dim = n // b_dim
         a_pad = 1 if a_dim == 1 else _pow2_at_least(a_dim)
-        if a_pad * b_dim > _MAX_ROTATION_TILE:
-            continue
         fwd = _factor_kron(rotation, "forward", n, b_dim)
         inv = _factor_kron(rotation, "inverse", n, b_dim)
         if fwd is None or inv is None:
@@ -473,7 +494,7 @@ def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None
         (fa, sa), (fb, sb), (ia, sia), (ib, sib) = factors
         b_pad = _pow2_at_least(b_dim)
         return _RotationPlan(
-            n=n, a_dim=a_dim, a_pad=a_pad, b_dim=b_dim, b_pad=b_pad,
+            n=n, a_dim=a_dim, a_pad=a_pad, b_dim=b_dim, b_pad=b_pad, a_first=a_first and a_dim > 1,
             forward_a=_padded(fa, a_pad, device, transpose=False),
             forward_b_t=_padded(fb, b_pad, device, transpose=True),
             inverse_a=_padded(ia, a_pad, device, transpose=False),
@@ -486,10 +507,6 @@ def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None
 @functools.lru_cache(maxsize=64)
 def _cached_plan(rotation, device) -> _RotationPlan | None:
     return _build_rotation_plan(rotation, device)
-
-
-# Bf16 pieces of an fp32 intermediate in the A-stage MMAs (3 = all 24 significand bits).
-ROTATION_MID_SPLIT = 3
 
 
 class _PlanEntry:
@@ -519,6 +536,20 @@ def _plan_entry(rotation, device: torch.device) -> _PlanEntry:
     return entry
 
 
+# Rotated kernel launch: padded elements per tile (ROWS rows of a_pad * b_pad), warps, and
+# persistent programs per SM (each converts the factors once, then loops over tiles).
+ROTATION_TILE_ELEMENTS = 4096
+ROTATION_NUM_WARPS = 4
+ROTATION_PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's CPU interpreter: a few programs, each looping over tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
     """R^-1 Q(R x) along the last axis in one fused kernel, or None if not covered.
     Does not check kernels_enabled()."""
@@ -535,27 +566,31 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
     plan = plan_entry.plan
     if plan is None:
         return None
-    has_a = plan.a_dim > 1
-    if fmt.block_size > (plan.a_pad * plan.b_pad if has_a else plan.b_pad):
+    if fmt.block_size > plan.a_pad * plan.b_pad:
         return None
     x = x.contiguous()
     y = torch.empty_like(x)
     io = _io_code(x)
     x_arg, y_arg = _io_views(x, y, io)
     n_rows = numel // n
-    m = plan.a_pad if has_a else max(16, min(64, _ELEMENTS_PER_PROGRAM // plan.b_pad))  # tl.dot: M >= 16
-    key = ("rotated", plan_entry, x.dtype, io, x.is_cuda, ROTATION_MID_SPLIT)
+    per_row = plan.a_pad * plan.b_pad
+    rows = max(1, ROTATION_TILE_ELEMENTS // per_row)
+    if plan.a_pad == 1:
+        rows = max(rows, 16)  # tl.dot needs M >= 16
+    key = ("rotated", plan_entry, x.dtype, io, x.is_cuda, ROTATION_MID_SPLIT, rows, ROTATION_NUM_WARPS)
     config = entry.configs.get(key)
     if config is None:
-        in16 = {torch.float16: _triton_mx.tl.float16}.get(x.dtype, _triton_mx.tl.bfloat16)
+        v16 = {torch.float16: _triton_mx.tl.float16}.get(x.dtype, _triton_mx.tl.bfloat16)
         config = entry.configs[key] = _LaunchConfig(
-            _triton_mx.mx_rotated_kernel, 12,
-            dict(M=m, B_PAD=plan.b_pad, HAS_A=has_a, MMA=1 if x.is_cuda else 0,
-                 IN_SPLIT=3 if x.dtype == torch.float32 else 1, IN16=in16,
-                 MID_SPLIT=ROTATION_MID_SPLIT, IO=io, BLOCK=fmt.block_size, **entry.constexprs),
-            8 if m * plan.b_pad >= 4096 else 4)
-    grid = (n_rows if has_a else -(-n_rows // m), 1, 1)
-    args = (x_arg, y_arg, n_rows, n, plan.a_dim, plan.b_dim,
+            _triton_mx.mx_rotated_kernel, 10,
+            dict(A_DIM=plan.a_dim, A_PAD=plan.a_pad, B_DIM=plan.b_dim, B_PAD=plan.b_pad, ROWS=rows,
+                 HAS_A=plan.a_pad > 1, A_FIRST=plan.a_first, MMA=1 if x.is_cuda else 0,
+                 IN_SPLIT=3 if x.dtype == torch.float32 else 1, MID_SPLIT=ROTATION_MID_SPLIT,
+                 V16=v16, IO=io, BLOCK=fmt.block_size, **entry.constexprs),
+            ROTATION_NUM_WARPS)
+    n_tiles = -(-n_rows // rows)
+    grid = (min(n_tiles, _sm_count(x.device) * ROTATION_PROGRAMS_PER_SM), 1, 1)
+    args = (x_arg, y_arg, n_rows, n_tiles,
             plan.forward_a, plan.forward_b_t, plan.inverse_a, plan.inverse_b_t,
             plan.forward_scale, plan.inverse_scale)
     with _on_device(x):

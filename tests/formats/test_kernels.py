@@ -191,6 +191,38 @@ def test_rotated_quantize_matches_reference(n: int, elem: str, rule: ScaleRule, 
     assert (got - ref).abs().gt(1e-3 * x.float().abs().max()).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("a_first", [True, False], ids=["A-first", "B-first"])
+@pytest.mark.parametrize("n", [576, 1536, 2048])
+def test_rotated_quantize_either_stage_order_over_several_tiles(monkeypatch, n: int, a_first: bool) -> None:
+    """The kernel applies A or B first (the plan picks the cheaper order); both orders, with MX
+    blocks inside one B-run (1536, 2048: b >= 32) and spanning two (576: b = 16), over several
+    tiles of several rows each, must match the reference row by row. (On Triton 3.6 a permute of
+    the A-first tile scrambled rows 0 and 3 of every 4-row tile; one bad row fails this.)"""
+    import dataclasses
+
+    build = kernels._build_rotation_plan
+
+    def forced(rotation, device):
+        plan = build(rotation, device)
+        return dataclasses.replace(plan, a_first=a_first and plan.a_dim > 1)
+
+    monkeypatch.setattr(kernels, "_build_rotation_plan", forced)
+    monkeypatch.setattr(kernels, "_PLAN_ENTRIES", {})
+    monkeypatch.setattr(kernels, "_FORMAT_ENTRIES", {})
+    kernels._cached_plan.cache_clear()
+    try:
+        fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)
+        rotation = hadamard.get_rotation(n, block_size=32)
+        x = torch.randn(11, n, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+        x[:, 7] *= 30.0
+        got = kernels.rotated_fake_quantize(x.to(DEVICE), fmt, rotation).cpu().float()
+        ref = _reference_rotated(x, fmt, rotation).float()
+        err_ref = (ref - x.float()).norm(dim=1)
+        assert ((got - ref).norm(dim=1) <= 0.05 * err_ref).all(), "a row differs beyond boundary flips"
+    finally:
+        kernels._cached_plan.cache_clear()
+
+
 def test_rotated_quantize_exact_on_exactly_rotatable_input() -> None:
     """With R x exactly representable (x a scaled column of H^T, so R x is a scaled unit vector),
     rotation rounding cannot flip anything: the result equals the reference exactly."""
