@@ -254,6 +254,112 @@ def _metrics_from_items(items: list[dict[str, tuple[float, int]]]) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 
 
+class ModelForward:
+    """`logits = model(input_ids)` for the evaluators: eager, or replayed from CUDA graphs.
+
+    Why graphs: a small model's evaluation is bound by host time - at batch 1 the demo model's
+    forward spends ~30 ms launching ~1,500 kernels for ~5 ms of GPU work (H100 profile in
+    benchmarks/h100/), and a quantized model launches more. A CUDA graph replays the whole
+    forward with one launch. One graph per padded input shape: rows are padded to the batch
+    size and the width to a bucket (`max_width`, `max_width / 2`, ... down to 128), so a whole
+    evaluation captures a handful of graphs. Padding is right padding, which a causal model's
+    logits at real positions cannot see (the eager path pads batches the same way).
+
+    Graphs are used only on CUDA and only while the model does not change: one ModelForward per
+    evaluation. If capture fails (a model whose forward synchronizes with the host), the run
+    continues eagerly and `describe()` says why.
+    """
+
+    MIN_BUCKET = 128
+
+    def __init__(self, model, cuda_graphs: bool = False) -> None:
+        self.model = model
+        self.device = _model_device(model)
+        self.graphs_enabled = bool(cuda_graphs) and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, Any, torch.Tensor]] = {}
+        self._pool = None
+        self._failure: str | None = None
+
+    def padded_shape(self, rows: int, width: int, batch_size: int, max_width: int) -> tuple[int, int]:
+        """The input shape a batch of `rows` x `width` tokens is padded to."""
+        if not self.graphs_enabled:
+            return rows, width
+        bucket = max_width
+        while bucket // 2 >= max(width, self.MIN_BUCKET):
+            bucket //= 2
+        return batch_size, bucket
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.graphs_enabled:
+            entry = self._graphs.get(tuple(input_ids.shape))
+            if entry is None:
+                entry = self._capture(input_ids)
+            if entry is not None:
+                static_ids, graph, static_logits = entry
+                static_ids.copy_(input_ids)
+                graph.replay()
+                return static_logits  # overwritten by the next replay: callers use it first
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def _capture(self, input_ids: torch.Tensor):
+        """Warm up on a side stream, then capture one forward (torch.cuda.graphs' recipe); if the
+        forward cannot be captured (it synchronizes with the host: `.item()`, a blocking copy),
+        switch graphs off for the rest of this evaluation. A failed capture can leave the CUDA
+        RNG in capture mode; `_recover_from_failed_capture` undoes that. (CUDA's sync debug
+        mode is no pre-check: it also flags HF Llama's forward, which captures fine.)"""
+        static_ids = input_ids.clone()
+        graph = None
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles kernels, builds lazy state (rotation plans, caches)
+                    self.model(input_ids=static_ids, use_cache=False)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # Graphs share one memory pool: they never run concurrently, and each replay's
+            # logits are consumed before the next replay.
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_logits = self.model(input_ids=static_ids, use_cache=False).logits
+        except RuntimeError as err:  # not capturable: stay eager
+            if graph is not None:
+                _recover_from_failed_capture(self.device)
+            self.graphs_enabled = False
+            self._graphs.clear()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self._failure = first[:200]
+            return None
+        entry = (static_ids, graph, static_logits)
+        self._graphs[tuple(input_ids.shape)] = entry
+        return entry
+
+    def describe(self) -> str:
+        if self.graphs_enabled:
+            shapes = ", ".join(f"{r}x{w}" for r, w in sorted(self._graphs))
+            return f"cuda graphs ({shapes})" if shapes else "cuda graphs"
+        if self._failure is not None:
+            return f"eager (no CUDA graphs: {self._failure})"
+        return "eager"
+
+    def close(self) -> None:
+        """Free the graphs and their memory pool."""
+        self._graphs.clear()
+        self._pool = None
+
+
+def _recover_from_failed_capture(device: torch.device) -> None:
+    """After a capture that raised, the CUDA RNG may still be registered as capturing (torch
+    unregisters it only when a capture ends cleanly) and the next `torch.randn` on the device
+    fails. One empty capture that ends cleanly resets it."""
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
+    except RuntimeError:  # pragma: no cover - nothing more to do; the evaluation itself is eager
+        pass
+
+
 def _rolling_inputs(
     tokens: list[int], prefix: int, max_length: int, protocol: Protocol
 ) -> list[tuple[list[int], int]]:
@@ -269,29 +375,31 @@ def _rolling_inputs(
 
 @torch.inference_mode()
 def _score_windows(
-    model, windows: list[tuple[list[int], int]], batch_size: int, description: str
+    forward: ModelForward, windows: list[tuple[list[int], int]], batch_size: int, description: str
 ) -> torch.Tensor:
     """Sum of log-probabilities of the scored tokens of each window: float64 [n_windows].
 
     Windows are sorted longest first and right-padded into batches (one forward per batch, no
     attention mask: with causal attention, padding after a row's last token cannot change its
-    logits - lm-eval batches the same way). The log-softmax is taken in float32 on the scored
-    positions only; results stay on the device until the end (no sync per window).
+    logits - lm-eval batches the same way; with CUDA graphs batches are padded further, to the
+    graph's shape). The log-softmax is taken in float32 on the scored positions only; results
+    stay on the device until the end (no sync per window).
     """
-    device = _model_device(model)
+    device = forward.device
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     sums = torch.zeros(len(windows), dtype=torch.float64, device=device)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    max_width = len(windows[order[0]][0]) - 1 if order else 0
     for batch in _track(batches, description, total=len(batches)):
-        width = len(windows[batch[0]][0]) - 1
-        inputs = torch.zeros((len(batch), width), dtype=torch.long)
+        n_rows, width = forward.padded_shape(len(batch), len(windows[batch[0]][0]) - 1, batch_size, max_width)
+        inputs = torch.zeros((n_rows, width), dtype=torch.long)
         targets = torch.zeros((len(batch), width), dtype=torch.long)
         for row, index in enumerate(batch):
             sequence = torch.tensor(windows[index][0])
             inputs[row, : len(sequence) - 1] = sequence[:-1]
             targets[row, : len(sequence) - 1] = sequence[1:]
         targets = targets.to(device)
-        logits = model(input_ids=inputs.to(device), use_cache=False).logits
+        logits = forward(inputs.to(device))
         for row, index in enumerate(batch):
             n_inputs = len(windows[index][0]) - 1
             scored = slice(n_inputs - windows[index][1], n_inputs)
@@ -311,8 +419,10 @@ def word_perplexity_native(
     batch_size: int = 8,
     *,
     protocol: Protocol | None = None,
+    forward: ModelForward | None = None,
 ) -> dict[str, Any]:
-    """lm-eval `wikitext` word/byte perplexity and bits per byte of `docs` (original pages)."""
+    """lm-eval `wikitext` word/byte perplexity and bits per byte of `docs` (original pages).
+    `forward`: how to run the model (default eager; see ModelForward for CUDA graphs)."""
     check_max_length(model, max_length)
     _check_batch_size(batch_size)
     if not docs:
@@ -332,7 +442,8 @@ def word_perplexity_native(
         windows.extend(doc_windows)
         window_doc.extend([doc_index] * len(doc_windows))
 
-    window_ll = _score_windows(model, windows, batch_size, "wikitext word perplexity")
+    forward = forward or ModelForward(model)
+    window_ll = _score_windows(forward, windows, batch_size, "wikitext word perplexity")
     doc_ll = torch.zeros(len(docs), dtype=torch.float64).index_add_(
         0, torch.tensor(window_doc, dtype=torch.long), window_ll
     )
@@ -353,6 +464,7 @@ def word_perplexity_native(
             "n_windows": len(windows),
             "dtype": str(_model_dtype(model)).removeprefix("torch."),
             "log_softmax_dtype": str(LOG_SOFTMAX_DTYPE).removeprefix("torch."),
+            "forward": forward.describe(),
             "backend": "native",
             "lm_eval_version": lm_eval_version(),
         },
@@ -366,23 +478,28 @@ def word_perplexity_native(
 
 @torch.inference_mode()
 def _sum_nll_full_windows(
-    model, windows: torch.Tensor, batch_size: int, description: str
+    forward: ModelForward, windows: torch.Tensor, batch_size: int, description: str
 ) -> tuple[float, int]:
     """Sum of next-token NLL over every window position 1..S-1 (float32 log-softmax), and the count."""
-    device = _model_device(model)
+    device = forward.device
     total = torch.zeros((), dtype=torch.float64, device=device)
     starts = range(0, windows.shape[0], batch_size)
+    width = windows.shape[1]
     for start in _track(starts, description, total=len(starts)):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        for row in range(batch.shape[0]):
+        n_rows, _ = forward.padded_shape(batch.shape[0], width, batch_size, width)
+        if n_rows > batch.shape[0]:  # a CUDA graph's fixed batch: pad with rows nobody reads
+            batch = torch.cat([batch, batch.new_zeros(n_rows - batch.shape[0], width)])
+        logits = forward(batch)
+        for row in range(min(batch.shape[0], windows.shape[0] - start)):
             nll = F.cross_entropy(logits[row, :-1].to(LOG_SOFTMAX_DTYPE), batch[row, 1:], reduction="sum")
             total += nll.to(torch.float64)
     return float(total), windows.shape[0] * (windows.shape[1] - 1)
 
 
 def token_perplexity(
-    model, tokenizer, text: str, max_length: int = 2048, batch_size: int = 8
+    model, tokenizer, text: str, max_length: int = 2048, batch_size: int = 8,
+    forward: ModelForward | None = None,
 ) -> dict[str, Any]:
     """Token-level perplexity of a joined text with non-overlapping `max_length` windows.
 
@@ -397,7 +514,7 @@ def token_perplexity(
     if n_windows == 0:
         raise DataError(f"text has {tokens.numel()} tokens, fewer than one window of max_length {max_length}")
     windows = tokens[: n_windows * max_length].view(n_windows, max_length)
-    total_nll, count = _sum_nll_full_windows(model, windows, batch_size, "token perplexity")
+    total_nll, count = _sum_nll_full_windows(forward or ModelForward(model), windows, batch_size, "token perplexity")
     return {
         "token_perplexity": math.exp(total_nll / count),
         "n_windows": n_windows,
@@ -417,7 +534,8 @@ def calib_perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float
             f"calibration windows must be LongTensor[n >= 1, seqlen >= 2], got {tuple(windows.shape)}"
         )
     _check_batch_size(batch_size)
-    total_nll, count = _sum_nll_full_windows(model, windows, batch_size, "calibration perplexity")
+    # Eager: rotation search changes the model between calls, so a captured graph would go stale.
+    total_nll, count = _sum_nll_full_windows(ModelForward(model), windows, batch_size, "calibration perplexity")
     return math.exp(total_nll / count)
 
 
@@ -575,6 +693,7 @@ def evaluate_wikitext(
     limit: int | None = None,
     backend: str = "native",
     token_level: bool = True,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Word perplexity (lm-eval `wikitext` protocol) by `backend`, plus token-level perplexity of
     the joined split when `token_level`. Returns the report's metrics dict.
@@ -595,7 +714,13 @@ def evaluate_wikitext(
             if limit < 1:
                 raise DataError(f"eval limit must be a positive number of documents, got {limit}")
             pages = pages[:limit]
-        result = word_perplexity_native(model, tokenizer, pages, max_length, batch_size)
+        forward = ModelForward(model, cuda_graphs)
+        try:
+            result = word_perplexity_native(model, tokenizer, pages, max_length, batch_size, forward=forward)
+            if token_level:
+                token = _token_level(model, tokenizer, data, split, limit, max_length, batch_size, forward)
+        finally:
+            forward.close()
         result["protocol"]["data"] = data.source
     if backend == "both":
         reference = evaluate_lm_eval(model, tokenizer, data, split, max_length, batch_size, limit)
@@ -609,18 +734,23 @@ def evaluate_wikitext(
     result["protocol"]["split"] = split
     result["protocol"]["limit"] = limit
     if token_level:
-        # Under --limit, on the joined rows of the same first `limit` documents.
-        text = data.joined(split, n_documents=limit)
-        if limit is not None and len(tokenize_joined(tokenizer, text)) < max_length:
-            result["token_perplexity"] = None
-            result["protocol"]["token_perplexity"] = {
-                "skipped": f"the first {limit} documents hold fewer than max_length={max_length} tokens"
-            }
-        else:
-            token = token_perplexity(model, tokenizer, text, max_length, batch_size)
-            result["token_perplexity"] = token["token_perplexity"]
-            result["protocol"]["token_perplexity"] = token["protocol"] | {"n_windows": token["n_windows"]}
+        if backend == "lm-eval":
+            token = _token_level(model, tokenizer, data, split, limit, max_length, batch_size, ModelForward(model))
+        result["token_perplexity"] = token.pop("token_perplexity")
+        result["protocol"]["token_perplexity"] = token
     return result
+
+
+def _token_level(model, tokenizer, data: WikiText, split: str, limit: int | None, max_length: int,
+                 batch_size: int, forward: ModelForward) -> dict[str, Any]:
+    """Token perplexity of the joined split for the report: {"token_perplexity", **protocol}.
+    Under --limit, on the joined rows of the same first `limit` documents."""
+    text = data.joined(split, n_documents=limit)
+    if limit is not None and len(tokenize_joined(tokenizer, text)) < max_length:
+        return {"token_perplexity": None,
+                "skipped": f"the first {limit} documents hold fewer than max_length={max_length} tokens"}
+    token = token_perplexity(model, tokenizer, text, max_length, batch_size, forward=forward)
+    return {"token_perplexity": token["token_perplexity"], **token["protocol"], "n_windows": token["n_windows"]}
 
 
 def backend_agreement(native: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def _evaluate(model: Any, recipe: Recipe, ctx: RunContext, name: str) -> dict[st
         metrics = evaluate_wikitext(
             model, ctx.tokenizer, ctx.data, split=recipe.data.eval_split,
             max_length=recipe.eval.max_length, batch_size=recipe.eval.batch_size,
-            limit=recipe.eval.limit, backend=recipe.eval.backend,
+            limit=recipe.eval.limit, backend=recipe.eval.backend, cuda_graphs=recipe.eval.cuda_graphs,
         )
     ctx.report["metrics"][name] = metrics
     return metrics

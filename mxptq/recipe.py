@@ -260,6 +260,9 @@ class EvalConfig(_Table):
     batch_size: PositiveInt = 8
     limit: PositiveInt | None = None
     backend: Literal["native", "lm-eval", "both"] = "native"  # both: native metrics + lm-eval's, compared
+    # Native evaluator on CUDA: replay forwards from CUDA graphs (falls back to eager, and says so
+    # in the report, when a model cannot be captured). Off = plain eager forwards.
+    cuda_graphs: StrictBool = True
 
 
 class OutputConfig(_Table):
