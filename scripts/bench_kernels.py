@@ -155,17 +155,23 @@ def sweep(args) -> None:
                 print(f"| {n} | {dtype_name} | {fmt_name} | plain tile={tile} warps={warps} | {t * 1e6:.1f} | "
                       f"{100 * copy_s / t:.0f} |", flush=True)
             rot = get_rotation(n, block_size=32)
-            defaults = (kernels.ROTATION_TILE_ELEMENTS, kernels.ROTATION_NUM_WARPS, kernels.ROTATION_PROGRAMS_PER_SM)
-            settings = [(tile, warps, per_sm, 3) for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 4))
-                        for per_sm in (2, 4)] + [(*defaults[:3], 2)]
-            for tile, warps, per_sm, split in settings:
-                (kernels.ROTATION_TILE_ELEMENTS, kernels.ROTATION_NUM_WARPS,
-                 kernels.ROTATION_PROGRAMS_PER_SM, kernels.ROTATION_MID_SPLIT) = tile, warps, per_sm, split
-                t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
+            names = ("ROTATION_TILE_ELEMENTS", "ROTATION_NUM_WARPS", "ROTATION_PROGRAMS_PER_SM", "ROTATION_MID_SPLIT")
+            defaults = tuple(getattr(kernels, name) for name in names)
+            settings = [(tile, warps, per_sm, 3) for tile, warps in ((2048, 4), (4096, 4), (4096, 8))
+                        for per_sm in (2, 4, 8)] + [(*defaults[:3], 2)]
+            for setting in settings:
+                for name, value in zip(names, setting):
+                    setattr(kernels, name, value)
+                try:
+                    t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory / registers: record it
+                    print(f"| {n} | {dtype_name} | {fmt_name} | rotated {setting} | failed: {type(exc).__name__} | |")
+                    continue
+                tile, warps, per_sm, split = setting
                 print(f"| {n} | {dtype_name} | {fmt_name} | rotated tile={tile} warps={warps} programs/SM={per_sm} "
                       f"split={split} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
-            (kernels.ROTATION_TILE_ELEMENTS, kernels.ROTATION_NUM_WARPS,
-             kernels.ROTATION_PROGRAMS_PER_SM, kernels.ROTATION_MID_SPLIT) = (*defaults, 3)
+            for name, value in zip(names, defaults):
+                setattr(kernels, name, value)
         kernels.PLAIN_TILE_ELEMENTS, kernels.PLAIN_NUM_WARPS = 4096, 4
         del x, inputs
         torch.cuda.empty_cache()

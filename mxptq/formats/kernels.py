@@ -537,10 +537,12 @@ def _plan_entry(rotation, device: torch.device) -> _PlanEntry:
 
 
 # Rotated kernel launch: padded elements per tile (ROWS rows of a_pad * b_pad), warps, and
-# persistent programs per SM (each converts the factors once, then loops over tiles).
-ROTATION_TILE_ELEMENTS = 4096
+# persistent programs per SM (each converts the factors once, then loops over tiles). Swept on
+# an H100 (benchmarks/h100/rotated_sweep*.md): 2048 / 4 / 8 is best or within 5 % of best for
+# n = 576, 1536, 2048; software-pipelining the tile loop (num_stages 2, 3) was slower.
+ROTATION_TILE_ELEMENTS = 2048
 ROTATION_NUM_WARPS = 4
-ROTATION_PROGRAMS_PER_SM = 4
+ROTATION_PROGRAMS_PER_SM = 8
 
 
 @functools.lru_cache(maxsize=16)

@@ -9,7 +9,8 @@ set, owns its own tensors and device placement (`mxptq.nn.hadamard.get_rotation(
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
