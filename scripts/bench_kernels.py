@@ -157,11 +157,13 @@ def sweep(args) -> None:
             rot = get_rotation(n, block_size=32)
             names = ("ROTATION_TILE_ELEMENTS", "ROTATION_NUM_WARPS", "ROTATION_PROGRAMS_PER_SM", "ROTATION_MID_SPLIT")
             defaults = tuple(getattr(kernels, name) for name in names)
+            default_a_first_tile = kernels.ROTATION_TILE_ELEMENTS_A_FIRST
             settings = [(tile, warps, per_sm, 3) for tile, warps in ((2048, 4), (4096, 4), (4096, 8))
                         for per_sm in (2, 4, 8)] + [(*defaults[:3], 2)]
             for setting in settings:
                 for name, value in zip(names, setting):
                     setattr(kernels, name, value)
+                kernels.ROTATION_TILE_ELEMENTS_A_FIRST = setting[0]  # the sweep's tile for every plan
                 try:
                     t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory / registers: record it
@@ -172,6 +174,7 @@ def sweep(args) -> None:
                       f"split={split} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
             for name, value in zip(names, defaults):
                 setattr(kernels, name, value)
+            kernels.ROTATION_TILE_ELEMENTS_A_FIRST = default_a_first_tile
         kernels.PLAIN_TILE_ELEMENTS, kernels.PLAIN_NUM_WARPS = 4096, 4
         del x, inputs
         torch.cuda.empty_cache()

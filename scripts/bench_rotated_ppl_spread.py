@@ -45,7 +45,7 @@ for c in cands:
     c.enable()
 orig_build = kernels._build_rotation_plan
 orig_rfq = kernels.rotated_fake_quantize
-DEFAULTS = (kernels.ROTATION_MID_SPLIT, kernels.ROTATION_TILE_ELEMENTS)
+DEFAULTS = (kernels.ROTATION_MID_SPLIT, kernels.ROTATION_TILE_ELEMENTS, kernels.ROTATION_TILE_ELEMENTS_A_FIRST)
 
 
 def clear_caches():
@@ -58,7 +58,7 @@ def clear_caches():
 def reset():
     kernels._build_rotation_plan = orig_build
     kernels.rotated_fake_quantize = orig_rfq
-    kernels.ROTATION_MID_SPLIT, kernels.ROTATION_TILE_ELEMENTS = DEFAULTS
+    kernels.ROTATION_MID_SPLIT, kernels.ROTATION_TILE_ELEMENTS, kernels.ROTATION_TILE_ELEMENTS_A_FIRST = DEFAULTS
     os.environ["MXPTQ_DISABLE_KERNELS"] = "0"
     clear_caches()
 
@@ -76,7 +76,7 @@ def run(label):
 run("default kernel")
 kernels.ROTATION_MID_SPLIT = 2
 run("MID_SPLIT 2")
-kernels.ROTATION_TILE_ELEMENTS = 1024
+kernels.ROTATION_TILE_ELEMENTS = kernels.ROTATION_TILE_ELEMENTS_A_FIRST = 1024
 run("tile 1024 (1 row for 576)")
 kernels._build_rotation_plan = lambda r, d: dataclasses.replace(orig_build(r, d), a_first=False)
 run("all B-first")

@@ -538,9 +538,11 @@ def _plan_entry(rotation, device: torch.device) -> _PlanEntry:
 
 # Rotated kernel launch: padded elements per tile (ROWS rows of a_pad * b_pad), warps, and
 # persistent programs per SM (each converts the factors once, then loops over tiles). Swept on
-# an H100 (benchmarks/h100/rotated_sweep*.md): 2048 / 4 / 8 is best or within 5 % of best for
-# n = 576, 1536, 2048; software-pipelining the tile loop (num_stages 2, 3) was slower.
-ROTATION_TILE_ELEMENTS = 2048
+# an H100 (benchmarks/h100/rotated_sweep*.md): 4096-element tiles, 4 warps, 8 programs per SM
+# for B-first plans (1536, 2048, 4096, ...); A-first plans (576 = H_36 (x) H_16: a 64-wide padded
+# A stage first) run best at half that tile. Software-pipelining the tile loop was slower.
+ROTATION_TILE_ELEMENTS = 4096
+ROTATION_TILE_ELEMENTS_A_FIRST = 2048
 ROTATION_NUM_WARPS = 4
 ROTATION_PROGRAMS_PER_SM = 8
 
@@ -576,7 +578,8 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
     x_arg, y_arg = _io_views(x, y, io)
     n_rows = numel // n
     per_row = plan.a_pad * plan.b_pad
-    rows = max(1, ROTATION_TILE_ELEMENTS // per_row)
+    tile = ROTATION_TILE_ELEMENTS_A_FIRST if plan.a_first else ROTATION_TILE_ELEMENTS
+    rows = max(1, tile // per_row)
     if plan.a_pad == 1:
         rows = max(rows, 16)  # tl.dot needs M >= 16
     key = ("rotated", plan_entry, x.dtype, io, x.is_cuda, ROTATION_MID_SPLIT, rows, ROTATION_NUM_WARPS)
