@@ -35,3 +35,15 @@ def byte_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+# A tiny Llama for the evaluator tests (vocabulary = the byte tokenizer's 256 bytes + 2 specials).
+EVAL_MODEL = {"seed": 0, "vocab_size": 258, "max_position_embeddings": 512}
+
+# Short pages in the WikiText style (so the detokenizer has work), of different lengths so that
+# windows of several lengths share a padded batch.
+EVAL_PAGES = [
+    ' = Alpha = \n \n The 1 @,@ 000 @-@ year test ( of a , b ) is " quoted " . \n',
+    " = Beta = \n \n Short . \n",
+    " = Gamma = \n \n " + " ".join(f"word{i} ," for i in range(40)) + " end . \n = = Section = = \n x \n",
+]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from offline import DATA_DIR, byte_tokenizer, needs_data
+from offline import DATA_DIR, EVAL_MODEL, EVAL_PAGES, byte_tokenizer, needs_data
 
 from mxptq.data import WikiText
 from mxptq.errors import DataError
@@ -36,23 +36,15 @@ lm_eval_utils = pytest.importorskip("lm_eval.utils")
 preprocess_wikitext = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
+tokenizer = pytest.fixture(scope="module")(byte_tokenizer)
 
 
 @pytest.fixture
 def model(tiny_llama):
-    return tiny_llama(seed=0, vocab_size=258, max_position_embeddings=512)
+    return tiny_llama(**EVAL_MODEL)
 
 
-# Short pages in the WikiText style (so the detokenizer has work), of different lengths so that
-# windows of several lengths share a padded batch.
-PAGES = [
-    ' = Alpha = \n \n The 1 @,@ 000 @-@ year test ( of a , b ) is " quoted " . \n',
-    " = Beta = \n \n Short . \n",
-    " = Gamma = \n \n " + " ".join(f"word{i} ," for i in range(40)) + " end . \n = = Section = = \n x \n",
-]
+PAGES = EVAL_PAGES  # WikiText-style pages of different lengths (tests/offline.py)
 
 
 # -- protocol pieces: fallback == lm-eval -------------------------------------------------------

@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from offline import byte_tokenizer
+from offline import EVAL_MODEL, EVAL_PAGES, byte_tokenizer
 
 from mxptq.evaluate import ModelForward, token_perplexity, word_perplexity_native
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
+PAGES = EVAL_PAGES  # window widths at max_length 48: 48 (x 10) and 18 (the short page)
+tokenizer = pytest.fixture(scope="module")(byte_tokenizer)
 
 
 @pytest.fixture
 def model(tiny_llama):
-    return tiny_llama(seed=0, vocab_size=258, max_position_embeddings=512)
-
-
-# Window widths at max_length 48: 48 (x 10) and 18 (the short page).
-PAGES = [
-    ' = Alpha = \n \n The 1 @,@ 000 @-@ year test ( of a , b ) is " quoted " . \n',
-    " = Beta = \n \n Short . \n",
-    " = Gamma = \n \n " + " ".join(f"word{i} ," for i in range(40)) + " end . \n = = Section = = \n x \n",
-]
+    return tiny_llama(**EVAL_MODEL)
 
 
 # -- CUDA graphs: padded shapes (CPU: the padding alone; CUDA: capture and replay) -------------
@@ -98,39 +88,29 @@ def test_cuda_graph_replay_equals_eager(model, tokenizer):
     forward.close()
 
 
+def _item_every_call(out) -> None:
+    out.logits.sum().item()  # a host sync in every forward
+
+
+def _sync_while_capturing(out) -> None:
+    if torch.cuda.is_current_stream_capturing():  # the warmups pass; the capture itself raises
+        torch.cuda.synchronize()
+
+
 @needs_cuda
-def test_cuda_graph_capture_failure_falls_back_to_eager(model, tokenizer):
+@pytest.mark.parametrize("host_sync", [_item_every_call, _sync_while_capturing], ids=["item", "sync-in-capture"])
+def test_a_forward_that_cannot_be_captured_runs_eagerly(model, tokenizer, host_sync):
+    """A host sync is not allowed while capturing: the evaluation goes on eagerly, says why, and
+    leaves the CUDA RNG usable (a failed capture must not leave it in capture mode)."""
     model = model.cuda()
     inner = model.forward
 
-    def syncing_forward(*args, **kwargs):  # a host sync: not allowed while capturing
+    def syncing_forward(*args, **kwargs):
         out = inner(*args, **kwargs)
-        out.logits.sum().item()
+        host_sync(out)
         return out
 
     model.forward = syncing_forward
-    eager = word_perplexity_native(model, tokenizer, PAGES, max_length=48, batch_size=3)
-    forward = ModelForward(model, cuda_graphs=True)
-    result = word_perplexity_native(model, tokenizer, PAGES, max_length=48, batch_size=3, forward=forward)
-    assert result["protocol"]["forward"].startswith("eager (no CUDA graphs:")
-    assert result["word_perplexity"] == pytest.approx(eager["word_perplexity"], rel=1e-6)
-    torch.randn(4, device="cuda")  # the CUDA RNG is usable afterwards (not left in capture mode)
-
-
-@needs_cuda
-def test_a_sync_only_while_capturing_also_falls_back(model, tokenizer):
-    """A forward whose host sync happens only while capturing (the warmups pass): the capture
-    itself raises; the evaluation goes on eagerly and CUDA random numbers still work."""
-    model = model.cuda()
-    inner = model.forward
-
-    def sync_when_capturing(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        if torch.cuda.is_current_stream_capturing():
-            torch.cuda.synchronize()  # not allowed during capture
-        return out
-
-    model.forward = sync_when_capturing
     eager = word_perplexity_native(model, tokenizer, PAGES, max_length=48, batch_size=3)
     forward = ModelForward(model, cuda_graphs=True)
     result = word_perplexity_native(model, tokenizer, PAGES, max_length=48, batch_size=3, forward=forward)
