@@ -98,14 +98,17 @@ def _set_kernels(enabled: bool) -> None:
     os.environ["MXPTQ_DISABLE_KERNELS"] = "0" if enabled else "1"
 
 
-def _set_host_fixes(on: bool) -> None:
-    """Issue 9's host-time fixes: compiled-kernel launches and shared quantized inputs."""
+def _set_host_fixes(on: bool, models=()) -> None:
+    """Issue 9's host-time fixes: compiled-kernel launches (process-wide) and shared quantized
+    inputs (the input cache of each of `models` that has one: quantized models)."""
     from mxptq.formats import kernels
-    from mxptq.nn import quantizer
 
     kernels.FAST_LAUNCH = on
-    quantizer.SHARE_QUANTIZED_INPUTS = on
-    quantizer.clear_input_cache()
+    for model in models:
+        cache = getattr(model, "mxptq_input_cache", None)
+        if cache is not None:
+            cache.enabled = on
+            cache.clear()
 
 
 def _quantize_call_us(dtype: torch.dtype, calls: int = 2000) -> dict:
@@ -203,6 +206,7 @@ def main() -> int:
         configs.append(("C (RTN weights + rotations)", "c_rotsearch", False, True))
     built = [build(recipe_name, kernels_on) for _, recipe_name, kernels_on, _ in configs]
 
+    models = [model for model, _, _ in built]  # every one: each switch also clears every cache, as before
     tokenize_s = _tokenize_seconds(built[0][1], docs)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
     for repeat in range(args.repeat):
@@ -213,7 +217,7 @@ def main() -> int:
                 if not kernels_on and (graphs or repeat >= args.reference_passes):
                     continue  # the slow torch-reference rows: eager, first passes only
                 _set_kernels(kernels_on)
-                _set_host_fixes(host_fixes)
+                _set_host_fixes(host_fixes, models)
                 seconds, metrics = _timed_eval(model, tokenizer, docs, args, graphs)
                 rows.append({"config": label, "kernels": kernels_on, "host_fixes": host_fixes, "graphs": graphs,
                              "seconds": seconds, "repeat": repeat, "word_perplexity": metrics.get("word_perplexity"),
@@ -224,9 +228,9 @@ def main() -> int:
         for (label, _, kernels_on, host_fixes), (model, _, _) in zip(configs, built):
             if kernels_on and host_fixes:
                 _set_kernels(True)
-                _set_host_fixes(True)
+                _set_host_fixes(True, models)
                 profiles[label] = _profile_forward(model, args)
-    del built
+    del built, models
     gc.collect()
     torch.cuda.empty_cache()
     _set_kernels(True)

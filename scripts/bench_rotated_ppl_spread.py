@@ -26,7 +26,6 @@ from mxptq.data import WikiText
 from mxptq.evaluate import ModelForward, word_perplexity_native
 from mxptq.formats import kernels
 from mxptq.models import load_model
-from mxptq.nn import quantizer
 from mxptq.recipe import load_recipe
 from mxptq.stages.rotsearch import collect_candidates
 from mxptq.stages.transform import quantize_model
@@ -52,7 +51,7 @@ def clear_caches():
     kernels._cached_plan.cache_clear()
     kernels._PLAN_ENTRIES.clear()
     kernels._FORMAT_ENTRIES.clear()
-    quantizer.clear_input_cache()
+    model.mxptq_input_cache.clear()
 
 
 def reset():

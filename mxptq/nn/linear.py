@@ -28,7 +28,7 @@ from torch import nn
 
 from mxptq.errors import ModelError
 from mxptq.formats import Format, quantize, quantize_elements
-from mxptq.nn.quantizer import ActQuantizer
+from mxptq.nn.quantizer import ActQuantizer, SharedInputCache
 
 GPTQ_FORMAT_ATTR = "_mxptq_gptq_fmt"
 GPTQ_SCALE_EXP_ATTR = "_mxptq_gptq_scale_exp"
@@ -42,9 +42,13 @@ class MXLinear(nn.Module):
         config: a `recipe.LinearConfig` (weight, data_in, bias: Format | None; bypass: bool).
         name: the qualified module name; its last component is the `matmul_type` ("q_proj", ...)
             that rotation search toggles.
+        input_cache: the model's `SharedInputCache` (the transform stage passes one per model), so
+            that q/k/v (gate/up) share one quantized input; None: the input is always quantized.
     """
 
-    def __init__(self, linear: nn.Linear, config: Any, name: str = "") -> None:
+    def __init__(
+        self, linear: nn.Linear, config: Any, name: str = "", *, input_cache: SharedInputCache | None = None
+    ) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -53,8 +57,10 @@ class MXLinear(nn.Module):
         self.bypass = bypass
         self.weight_fmt: Format | None = None if bypass else getattr(config, "weight", None)
         self.bias_fmt: Format | None = None if bypass else getattr(config, "bias", None)
-        # share_input: F.linear never modifies its input, so q/k/v (gate/up) may share one result.
-        self.input_quantizer = ActQuantizer(None if bypass else getattr(config, "data_in", None), share_input=True)
+        # input_cache: F.linear never modifies its input, so q/k/v (gate/up) may share one result.
+        self.input_quantizer = ActQuantizer(
+            None if bypass else getattr(config, "data_in", None), input_cache=input_cache
+        )
         self.weight_source = "float"
 
         with torch.no_grad():

@@ -35,30 +35,48 @@ class Rotation(Protocol):
         ...
 
 
-# Issue 9: q_proj/k_proj/v_proj read the same hidden states, and gate_proj/up_proj too; with the
-# same format and rotation their quantized inputs are identical, so the second and third calls
-# reuse the first result (quantizers built with share_input=True: MXLinear's input quantizer).
-# Only the last result is held (memory does not grow). The result is returned unchanged only if
-# its own version counter shows no in-place change either. A hit needs the
-# very same tensor object (held by a weak reference: a freed tensor's address may be reused by
-# a new one, a dead weak reference never matches), unchanged since -- same version counter
-# (bumped by every in-place op, also through views), data pointer, shape, strides, dtype --
-# and an equal format and rotation. Inference-mode tensors carry no version counter: for them
-# a hit relies on the object identity within the one-entry window (each quantizer call
-# replaces the entry), i.e. on no in-place change of a quantizer's input between two
-# consecutive quantizer calls on it, which holds in the forward of every supported model
-# (the projections consume the same hidden states back to back). Code that does modify an
-# inference tensor in place between such calls calls `clear_input_cache()`.
-# Off: `mxptq.nn.quantizer.SHARE_QUANTIZED_INPUTS = False`.
-SHARE_QUANTIZED_INPUTS = True
-# (weakref to x, x's version, data_ptr, shape, stride, dtype, fmt, rotation, result, result's version)
-_last_input: tuple | None = None
+class SharedInputCache:
+    """One held quantized input, shared by the input quantizers of one quantized model.
 
+    Issue 9: q_proj/k_proj/v_proj read the same hidden states, and gate_proj/up_proj too; with
+    the same format and rotation their quantized inputs are identical, so the second and third
+    calls reuse the first result (quantizers built with `input_cache=` this object: the
+    transform stage gives every MXLinear input quantizer of a model the same cache, reachable
+    as `model.mxptq_input_cache`). Only the last result is held (memory does not grow). The
+    result is returned unchanged only if its own version counter shows no in-place change
+    either. A hit needs the very same tensor object (held by a weak reference: a freed tensor's
+    address may be reused by a new one, a dead weak reference never matches), unchanged since
+    -- same version counter (bumped by every in-place op, also through views), data pointer,
+    shape, strides, dtype -- and an equal format and rotation. Inference-mode tensors carry no
+    version counter: for them a hit relies on the object identity within the one-entry window
+    (each quantizer call replaces the entry), i.e. on no in-place change of a quantizer's input
+    between two consecutive quantizer calls on it, which holds in the forward of every
+    supported model (the projections consume the same hidden states back to back). Code that
+    does modify an inference tensor in place between such calls calls `clear()`.
+    Off: `enabled = False` (every call computes). Copies and pickles start empty.
+    """
 
-def clear_input_cache() -> None:
-    """Forget the held quantized input (see SHARE_QUANTIZED_INPUTS)."""
-    global _last_input
-    _last_input = None
+    __slots__ = ("enabled", "entry")
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        # (weakref to x, x's version, data_ptr, shape, stride, dtype, fmt, rotation, result,
+        #  result's version)
+        self.entry: tuple | None = None
+
+    def clear(self) -> None:
+        """Forget the held quantized input."""
+        self.entry = None
+
+    def __getstate__(self) -> dict:
+        return {"enabled": self.enabled}  # a weak reference cannot be copied or pickled
+
+    def __setstate__(self, state: dict) -> None:
+        self.enabled = state["enabled"]
+        self.entry = None
+
+    def __repr__(self) -> str:
+        return f"SharedInputCache(enabled={self.enabled}, held={self.entry is not None})"
 
 
 def _version(x: torch.Tensor) -> int:
@@ -71,31 +89,34 @@ class ActQuantizer:
     `rotation.inverse(quantize(rotation.forward(x), fmt))` once rotation search sets `.rotation`.
 
     A rotation without a format is meaningless (it would cancel out), so it is ignored when
-    bypassed. With `share_input=True`, consecutive calls of such quantizers on the same unchanged
-    tensor with the same format and rotation share one result (see SHARE_QUANTIZED_INPUTS)."""
+    bypassed. Quantizers given the same `input_cache` share one result between consecutive calls
+    on the same unchanged tensor with the same format and rotation (see SharedInputCache);
+    `input_cache=None` never shares."""
 
-    __slots__ = ("fmt", "rotation", "share_input")
+    __slots__ = ("fmt", "input_cache", "rotation")
 
-    def __init__(self, fmt: Format | None, rotation: Rotation | None = None, *, share_input: bool = False) -> None:
+    def __init__(
+        self, fmt: Format | None, rotation: Rotation | None = None, *, input_cache: SharedInputCache | None = None
+    ) -> None:
         self.fmt = fmt
         self.rotation = rotation
         # Only for consumers that never modify the quantized tensor in place (MXLinear: F.linear),
         # since the consumers of one shared result see the same tensor.
-        self.share_input = share_input
+        self.input_cache = input_cache
 
     @property
     def enabled(self) -> bool:
         return self.fmt is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        global _last_input
         fmt = self.fmt
         if fmt is None:
             return x
-        if not (self.share_input and SHARE_QUANTIZED_INPUTS) or (x.requires_grad and torch.is_grad_enabled()):
+        cache = self.input_cache
+        if cache is None or not cache.enabled or (x.requires_grad and torch.is_grad_enabled()):
             return self._compute(x)
         rotation = self.rotation
-        entry = _last_input  # one read: another thread may replace it meanwhile
+        entry = cache.entry  # one read: another thread may replace it meanwhile
         version = _version(x)
         if (
             entry is not None
@@ -111,7 +132,7 @@ class ActQuantizer:
         ):
             return entry[8]
         y = self._compute(x)
-        _last_input = (weakref.ref(x), version, x.data_ptr(), x.shape, x.stride(), x.dtype, fmt, rotation, y,
+        cache.entry = (weakref.ref(x), version, x.data_ptr(), x.shape, x.stride(), x.dtype, fmt, rotation, y,
                        _version(y))
         return y
 

@@ -6,7 +6,11 @@ Inputs: a loaded causal LM (eval mode), a validated `Recipe`. No calibration dat
 Output: the same model object, modified in place: every selected `nn.Linear` becomes an
 `MXLinear` (weight quantized once, here -- or kept, if the GPTQ stage already wrote MX weights into
 it) unless its selector says `bypass = true` (then it stays an `nn.Linear`), every selected
-attention module an `MXAttention`. Files written: none. When `ctx` carries a
+attention module an `MXAttention`. Every MXLinear input quantizer of the model holds the same
+`SharedInputCache` (q/k/v and gate/up quantize their common input once), stored on the model as
+`model.mxptq_input_cache` (created by the first transform of a model, reused by later ones):
+`model.mxptq_input_cache.enabled = False` switches sharing off, `.clear()` drops the held
+result. Files written: none. When `ctx` carries a
 report, the stage records its wall time/memory under `stages.transform` and its summary (per
 selector: module count, formats, scale rules) under `transform` and `formats`.
 
@@ -33,8 +37,10 @@ from torch import nn
 from mxptq.errors import ModelError, RecipeError
 from mxptq.nn.attention import SUPPORTED_ATTENTION, MXAttention, is_supported_attention
 from mxptq.nn.linear import MXLinear
+from mxptq.nn.quantizer import SharedInputCache
 
 _MAX_LISTED_NAMES = 40
+INPUT_CACHE_ATTR = "mxptq_input_cache"  # the model's SharedInputCache (module docstring)
 
 
 @dataclass
@@ -194,12 +200,13 @@ def transform_model(model: nn.Module, recipe: Any) -> TransformSummary:
         reverse=True,
     )
     gptq_count: dict[int, int] = {}
+    cache = _input_cache(model)
     for name, selector in jobs:
         source = model.get_submodule(name)
         if selector.kind == "linear" and getattr(selector.config, "bypass", False):
             continue  # claimed by the selector (first match wins) but left an nn.Linear
         if selector.kind == "linear":
-            replacement: nn.Module = MXLinear(source, selector.config, name=name)
+            replacement: nn.Module = MXLinear(source, selector.config, name=name, input_cache=cache)
             if replacement.weight_source == "gptq":
                 gptq_count[id(selector)] = gptq_count.get(id(selector), 0) + 1
         else:
@@ -225,6 +232,15 @@ def transform_model(model: nn.Module, recipe: Any) -> TransformSummary:
             )
         )
     return summary
+
+
+def _input_cache(model: nn.Module) -> SharedInputCache:
+    """The model's one SharedInputCache, created (and stored on it) on first use."""
+    cache = getattr(model, INPUT_CACHE_ATTR, None)
+    if not isinstance(cache, SharedInputCache):
+        cache = SharedInputCache()
+        setattr(model, INPUT_CACHE_ATTR, cache)
+    return cache
 
 
 def _rule_name(fmt: Any) -> str:
