@@ -258,8 +258,8 @@ class ModelForward:
     """`logits = model(input_ids)` for the evaluators: eager, or replayed from CUDA graphs.
 
     Why graphs: a small model's evaluation is bound by host time - at batch 1 the demo model's
-    forward spends ~30 ms launching ~1,500 kernels for ~5 ms of GPU work (H100 profile in
-    benchmarks/h100/), and a quantized model launches more. A CUDA graph replays the whole
+    fp16 forward takes ~31 ms of host time for ~5.5 ms of GPU work (H100,
+    benchmarks/h100/profile_forward.md), and a quantized model launches more kernels. A CUDA graph replays the whole
     forward with one launch. One graph per padded input shape: rows are padded to the batch
     size and the width to a bucket (`max_width`, `max_width / 2`, ... down to 128), so a whole
     evaluation captures a handful of graphs. Padding is right padding, which a causal model's
