@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +25,7 @@ from mxptq.errors import ModelError, MxptqError
 from mxptq.options import RunOptions
 from mxptq.progress import progress_policy
 from mxptq.recipe import Recipe, default_recipe, load_recipe
+from mxptq.report import as_number, format_number, get_path
 
 
 class _MxptqGroup(TyperGroup):
@@ -118,7 +118,7 @@ BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help="Override
 
 def _load(recipe_path: Path | None, **overrides: Any) -> Recipe:
     if recipe_path is None:
-        return default_recipe(**{k: v for k, v in overrides.items() if v is not None})
+        return default_recipe(**_given(overrides))
     return load_recipe(recipe_path).with_overrides(**overrides)
 
 
@@ -151,7 +151,7 @@ def _print_result(result: Any, quiet: bool) -> None:
     metrics = getattr(result, "metrics", None) or {}
     if not quiet:
         for name, value in metrics.items():
-            typer.echo(f"{name} = {_fmt_number(value, 4)}")
+            typer.echo(f"{name} = {format_number(value, 4)}")
     if report_path is not None:
         typer.echo(str(report_path) if quiet else f"report: {report_path}")
 
@@ -417,31 +417,6 @@ def _model_and_matcher(recipe: Recipe) -> tuple[Any, Callable[[Any, Recipe], lis
 # ---------------------------------------------------------------------------------------------
 
 
-def _get(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
-
-
-def _as_number(value: Any) -> float | None:
-    if isinstance(value, dict):  # {"value": ..., "stderr": ...} style metrics
-        value = value.get("value")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _fmt_number(value: Any, digits: int) -> str:
-    number = _as_number(value)
-    if number is None:
-        return "-" if value is None else str(value)
-    if math.isnan(number) or math.isinf(number):
-        return str(number)
-    return f"{number:.{digits}f}"
-
-
 def _read_report(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MxptqError(f"{path}: report file not found")
@@ -467,13 +442,13 @@ def report_rows(paths: Iterable[Path]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for path, data in reports:
         name = data.get("recipe_name") if isinstance(data.get("recipe_name"), str) else path.stem
-        peaks = [_as_number(_get(data, "stages", stage, "peak_mem_bytes")) for stage in stage_names]
+        peaks = [as_number(get_path(data, "stages", stage, "peak_mem_bytes")) for stage in stage_names]
         peaks = [p for p in peaks if p is not None]
         rows.append([
             name,
-            _fmt_number(_get(data, "metrics", "word_perplexity"), 4),
-            _fmt_number(_get(data, "metrics", "token_perplexity"), 4),
-            *(_fmt_number(_get(data, "stages", stage, "wall_s"), 1) for stage in stage_names),
+            format_number(get_path(data, "metrics", "word_perplexity"), 4),
+            format_number(get_path(data, "metrics", "token_perplexity"), 4),
+            *(format_number(get_path(data, "stages", stage, "wall_s"), 1) for stage in stage_names),
             f"{max(peaks) / 2**30:.2f}" if peaks else "-",
         ])
     return header, rows

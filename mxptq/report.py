@@ -17,11 +17,16 @@ end. Top-level keys (schema_version 1):
 
 Peak memory is the accelerator's (torch.cuda.max_memory_allocated) when a CUDA device is used,
 else the process's peak resident set size (ru_maxrss), marked by ``peak_mem_kind``.
+
+Reading reports back (``mxptq report``, ``scripts/plot_progression.py``): `get_path`,
+`as_number` and `format_number` read keys defensively, so an older or partial report shows "-".
+torch is imported only where a report is built, so reading one (and the CLI's start-up) stays light.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 import resource
 import subprocess
@@ -29,14 +34,44 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mxptq import __version__
-from mxptq.io import atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
+
+
+def get_path(data: Any, *keys: str) -> Any:
+    """`data[keys[0]][keys[1]]...`, or None where a key is missing or a level is not a dict."""
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def as_number(value: Any) -> float | None:
+    """A report value as a float: an int or float (NaN and inf kept), or the "value" of a
+    ``{"value": ..., "stderr": ...}`` style metric; None for anything else (None, bool, str...)."""
+    if isinstance(value, dict):
+        value = value.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def format_number(value: Any, digits: int) -> str:
+    """A report value for a table cell: `digits` decimals for a number (see `as_number`), "-" for
+    None, ``str(value)`` for NaN, inf and non-numbers."""
+    number = as_number(value)
+    if number is None:
+        return "-" if value is None else str(value)
+    if math.isnan(number) or math.isinf(number):
+        return str(number)
+    return f"{number:.{digits}f}"
 
 
 def _git_commit() -> str | None:
@@ -52,6 +87,7 @@ def _git_commit() -> str | None:
 
 
 def _library_versions() -> dict[str, str | None]:
+    import torch
     import transformers
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
@@ -66,6 +102,8 @@ def _library_versions() -> dict[str, str | None]:
 
 
 def device_description(device: torch.device | str) -> dict[str, Any]:
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
@@ -76,6 +114,8 @@ class Report:
     """Collects what a run did; `write` saves it as JSON atomically."""
 
     def __init__(self, command: str, *, device: torch.device | str = "cpu") -> None:
+        import torch
+
         self.device = torch.device(device)
         self.data: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -101,6 +141,8 @@ class Report:
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         """Time a stage and record its peak memory; yields the stage's record for extra fields."""
+        import torch
+
         record: dict[str, Any] = {}
         cuda = self.device.type == "cuda" and torch.cuda.is_available()
         if cuda:
@@ -122,6 +164,8 @@ class Report:
             self.data["stages"][name] = record
 
     def write(self, path: str | Path) -> Path:
+        from mxptq.io import atomic_write_json
+
         path = Path(path)
         total = sum(s.get("wall_s", 0.0) for s in self.data["stages"].values())
         self.data["total_wall_s"] = round(total, 4)

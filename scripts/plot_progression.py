@@ -33,6 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# `python scripts/plot_progression.py` puts scripts/, not the checkout, on sys.path.
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mxptq.report import as_number, format_number, get_path
+
 BEGIN_MARKER = "<!-- BEGIN progression-table -->"
 END_MARKER = "<!-- END progression-table -->"
 
@@ -78,14 +84,14 @@ class Run:
 
     @property
     def word_ppl(self) -> float | None:
-        return _number(_get(self.report, "metrics", "word_perplexity"))
+        return _number(get_path(self.report, "metrics", "word_perplexity"))
 
     @property
     def token_ppl(self) -> float | None:
-        return _number(_get(self.report, "metrics", "token_perplexity"))
+        return _number(get_path(self.report, "metrics", "token_perplexity"))
 
     def stage_s(self, name: str) -> float | None:
-        return _number(_get(self.report, "stages", name, "wall_s"))
+        return _number(get_path(self.report, "stages", name, "wall_s"))
 
     @property
     def eval_s(self) -> float | None:
@@ -109,7 +115,7 @@ class Run:
 
     @property
     def rotation_winners(self) -> list[str] | None:
-        winners = _get(self.report, "rotation", "winners")
+        winners = get_path(self.report, "rotation", "winners")
         return list(winners) if isinstance(winners, list) else None
 
     @property
@@ -129,18 +135,10 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 
 
-def _get(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
-
-
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return None if math.isnan(value) else float(value)
+    """A report number (`mxptq.report.as_number`); NaN counts as missing here."""
+    number = as_number(value)
+    return None if number is None or math.isnan(number) else number
 
 
 def _config_name(candidate: str, report: dict[str, Any]) -> str:
@@ -151,7 +149,7 @@ def _config_name(candidate: str, report: dict[str, Any]) -> str:
     recipe_name = report.get("recipe_name")
     if isinstance(recipe_name, str) and recipe_name in CONFIGS:
         return recipe_name
-    if report.get("command") == "eval-ppl" and not _get(report, "recipe", "selectors"):
+    if report.get("command") == "eval-ppl" and not get_path(report, "recipe", "selectors"):
         return "fp"
     return candidate
 
@@ -204,10 +202,6 @@ def load_runs(directory: Path) -> list[Run]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -225,7 +219,7 @@ def _series_label(run: Run) -> str:
     if spec is None:
         return "-"
     if spec.series == FP:
-        dtype = _get(run.report, "model", "dtype")
+        dtype = get_path(run.report, "model", "dtype")
         return f"unquantized ({dtype})" if dtype else "unquantized"
     return spec.series
 
@@ -249,9 +243,10 @@ def results_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         winners = run.rotation_winners
         rows.append([
             run.config, _series_label(run), STEP_LABELS.get(spec.step, "-") if spec and spec.step else "-",
-            _fmt(run.word_ppl, 2), _fmt(run.token_ppl, 2),
-            *(_fmt(run.stage_s(stage), 1) for stage in STAGE_COLUMNS),
-            _fmt(run.eval_s, 1), _fmt(run.stages_total_s, 1), _fmt(run.process_wall_s, 1),
+            format_number(run.word_ppl, 2), format_number(run.token_ppl, 2),
+            *(format_number(run.stage_s(stage), 1) for stage in STAGE_COLUMNS),
+            format_number(run.eval_s, 1), format_number(run.stages_total_s, 1),
+            format_number(run.process_wall_s, 1),
             _mem_cell(run),
             "-" if winners is None else (", ".join(winners) or "none"),
         ])
@@ -262,12 +257,12 @@ def details_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     header = ["config", "model", "device", "dtype", "scale rules", "command"]
     rows = []
     for run in runs:
-        rules = _get(run.report, "formats", "scale_rules")
+        rules = get_path(run.report, "formats", "scale_rules")
         rows.append([
             run.config,
-            str(_get(run.report, "model", "id") or "-"),
-            str(_get(run.report, "device", "name") or _get(run.report, "device", "type") or "-"),
-            str(_get(run.report, "model", "dtype") or "-"),
+            str(get_path(run.report, "model", "id") or "-"),
+            str(get_path(run.report, "device", "name") or get_path(run.report, "device", "type") or "-"),
+            str(get_path(run.report, "model", "dtype") or "-"),
             ", ".join(rules) if isinstance(rules, list) and rules else "-",
             f"`{run.command}`",
         ])
@@ -286,7 +281,7 @@ def fp_word_ppl(runs: list[Run]) -> float | None:
             return run.word_ppl
     # No separate fp run: a quantize report carries the unquantized model's metrics too.
     for run in runs:
-        value = _number(_get(run.report, "metrics", "fp", "word_perplexity"))
+        value = _number(get_path(run.report, "metrics", "fp", "word_perplexity"))
         if value is not None:
             return value
     return None
@@ -384,7 +379,7 @@ def plot(runs: list[Run], path: Path) -> None:
     fp = fp_word_ppl(runs)
     if fp is not None:
         fp_run = next((r for r in runs if r.config == "fp"), None)
-        dtype = _get(fp_run.report, "model", "dtype") if fp_run else None
+        dtype = get_path(fp_run.report, "model", "dtype") if fp_run else None
         ax.axhline(fp, color="gray", linestyle="--", linewidth=1.5,
                    label=f"unquantized{f' ({dtype})' if dtype else ''}: {fp:.2f}")
     ax.set_yscale("log")
@@ -397,8 +392,8 @@ def plot(runs: list[Run], path: Path) -> None:
     ax.set_xlim(-0.4, len(STEPS) - 0.4)
     ax.set_ylabel("WikiText-2 word perplexity (log scale)")
     first = runs[0].report
-    model = _get(first, "model", "id") or "?"
-    device = _get(first, "device", "name") or _get(first, "device", "type") or "?"
+    model = get_path(first, "model", "id") or "?"
+    device = get_path(first, "device", "name") or get_path(first, "device", "type") or "?"
     ax.set_title(f"W4A4 + KV4 MX quantization of {model} ({device})", fontsize=10)
     ax.grid(True, which="both", axis="y", alpha=0.3)
     ax.legend(fontsize=8)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import mxptq
 from mxptq.cli import app, markdown_table, summarize_module_names
 from mxptq.options import RunOptions, RunResult
+from mxptq.report import as_number, format_number, get_path
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = "tests/recipes_bad"
@@ -330,6 +331,20 @@ def test_report_of_a_non_report_is_a_user_error(runner, tmp_path):
     bad.write_text("[1, 2]")
     result = runner.invoke(app, ["report", str(bad)])
     assert (result.exit_code, result.stderr) == (2, f"error: {bad}: not a JSON report (top level is not an object)\n")
+
+
+def test_report_reading_helpers():
+    data = {"metrics": {"word_perplexity": {"value": 31.0363, "stderr": 0.1}, "n": True}}
+    assert get_path(data, "metrics", "word_perplexity", "value") == 31.0363
+    assert get_path(data, "metrics", "missing") is None and get_path(data, "metrics", "n", "x") is None
+    assert as_number(get_path(data, "metrics", "word_perplexity")) == 31.0363
+    assert as_number(True) is None and as_number("1") is None and as_number(3) == 3.0
+    assert [format_number(v, 2) for v in (None, 1, float("nan"), "x")] == ["-", "1.00", "nan", "x"]
+
+
+def test_cli_starts_without_torch():
+    code = "import sys, mxptq.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
 
 
 def test_markdown_escapes_pipes():
