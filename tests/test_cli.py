@@ -89,6 +89,7 @@ BROKEN_RECIPES = {
         f"{MLP}.scale_rule] unknown scale_rule 'symetric'; allowed for mxint: tutorial, symmetric, ocp",
     "27_mxfp_width_disagrees.toml":
         f"{MLP}.data_in_width] mxfp width 8 does not match 1 + exponent_width + frac_width = 4",
+    "28_eval_cuda_graphs_not_boolean.toml": '[eval.cuda_graphs] expected true or false, got string "yes"',
 }
 
 
