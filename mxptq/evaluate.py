@@ -266,7 +266,8 @@ class ModelForward:
     logits at real positions cannot see (the eager path pads batches the same way).
 
     Graphs are used only on CUDA and only while the model does not change: one ModelForward per
-    evaluation. If capture fails (a model whose forward synchronizes with the host), the run
+    evaluation. Memory: every captured shape keeps its logits and the graphs share one pool until
+    `close()`, so an evaluation peaks higher than eagerly. If capture fails (a model whose forward synchronizes with the host), the run
     continues eagerly and `describe()` says why.
     """
 
@@ -278,6 +279,7 @@ class ModelForward:
         self.graphs_enabled = bool(cuda_graphs) and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.Tensor, Any, torch.Tensor]] = {}
         self._pool = None
+        self._side_stream = None  # one for every warmup: the allocator reuses memory per stream
         self._failure: str | None = None
 
     def padded_shape(self, rows: int, width: int, batch_size: int, max_width: int) -> tuple[int, int]:
@@ -309,8 +311,11 @@ class ModelForward:
         mode is no pre-check: it also flags HF Llama's forward, which captures fine.)"""
         static_ids = input_ids.clone()
         graph = None
+        self._clear_input_cache()  # no quantized input held from an eager call may be captured
         try:
-            side = torch.cuda.Stream(self.device)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            side = self._side_stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):  # compiles kernels, builds lazy state (rotation plans, caches)
@@ -344,9 +349,20 @@ class ModelForward:
         return "eager"
 
     def close(self) -> None:
-        """Free the graphs and their memory pool."""
+        """Free the graphs, their memory pool and what the model's quantized-input cache still
+        holds from the capture (a tensor in that pool)."""
+        had_graphs = bool(self._graphs)
         self._graphs.clear()
         self._pool = None
+        self._side_stream = None
+        self._clear_input_cache()
+        if had_graphs:
+            torch.cuda.empty_cache()  # hand the graphs' pool back for the stages that follow
+
+    def _clear_input_cache(self) -> None:
+        cache = getattr(self.model, "mxptq_input_cache", None)  # set by the transform stage
+        if cache is not None:
+            cache.clear()
 
 
 def _recover_from_failed_capture(device: torch.device) -> None:
@@ -390,8 +406,9 @@ def _score_windows(
     sums = torch.zeros(len(windows), dtype=torch.float64, device=device)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     max_width = len(windows[order[0]][0]) - 1 if order else 0
+    max_rows = min(batch_size, len(windows))  # a graph's batch: no rows beyond the windows there are
     for batch in _track(batches, description, total=len(batches)):
-        n_rows, width = forward.padded_shape(len(batch), len(windows[batch[0]][0]) - 1, batch_size, max_width)
+        n_rows, width = forward.padded_shape(len(batch), len(windows[batch[0]][0]) - 1, max_rows, max_width)
         inputs = torch.zeros((n_rows, width), dtype=torch.long)
         targets = torch.zeros((len(batch), width), dtype=torch.long)
         for row, index in enumerate(batch):
@@ -487,7 +504,7 @@ def _sum_nll_full_windows(
     width = windows.shape[1]
     for start in _track(starts, description, total=len(starts)):
         batch = windows[start : start + batch_size].to(device)
-        n_rows, _ = forward.padded_shape(batch.shape[0], width, batch_size, width)
+        n_rows, _ = forward.padded_shape(batch.shape[0], width, min(batch_size, windows.shape[0]), width)
         if n_rows > batch.shape[0]:  # a CUDA graph's fixed batch: pad with rows nobody reads
             batch = torch.cat([batch, batch.new_zeros(n_rows - batch.shape[0], width)])
         logits = forward(batch)
@@ -719,6 +736,8 @@ def evaluate_wikitext(
             result = word_perplexity_native(model, tokenizer, pages, max_length, batch_size, forward=forward)
             if token_level:
                 token = _token_level(model, tokenizer, data, split, limit, max_length, batch_size, forward)
+                token["forward"] = forward.describe()
+            result["protocol"]["forward"] = forward.describe()  # word and token passes
         finally:
             forward.close()
         result["protocol"]["data"] = data.source

@@ -275,6 +275,14 @@ def test_evaluate_wikitext_report_fields(model, tokenizer, tmp_path):
     }
     assert result["protocol"]["split"] == "test" and result["protocol"]["limit"] == 2
     assert result["token_perplexity"] is not None and result["token_perplexity"] > 1
+    # how the forwards ran, for both passes (cuda_graphs asks for graphs; the CPU has none)
+    assert result["protocol"]["forward"] == "eager"
+    assert result["protocol"]["token_perplexity"]["forward"] == "eager"
+    graphs_asked = evaluate_wikitext(
+        model, tokenizer, data, split="test", max_length=64, batch_size=4, limit=2, cuda_graphs=True
+    )
+    assert graphs_asked["word_perplexity"] == result["word_perplexity"]
+    assert graphs_asked["protocol"]["forward"] == "eager"
 
 
 # -- the demo model: native vs lm-eval itself ---------------------------------------------------

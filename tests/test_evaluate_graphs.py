@@ -68,6 +68,12 @@ def test_graph_shaped_batches_leave_token_perplexity_unchanged(model, tokenizer)
     assert forward.shapes == {(3, 32)}
 
 
+def test_graph_batches_hold_no_more_rows_than_there_are_windows(model, tokenizer):
+    forward = PaddedEagerForward(model)
+    word_perplexity_native(model, tokenizer, PAGES[1:2], max_length=48, batch_size=8, forward=forward)
+    assert forward.shapes == {(1, 18)}  # one window of width 18: one row, the widest bucket = 18
+
+
 def test_graphs_are_off_on_the_cpu(model):
     forward = ModelForward(model, cuda_graphs=True)
     assert not forward.graphs_enabled and forward.describe() == "eager"
