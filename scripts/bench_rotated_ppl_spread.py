@@ -48,9 +48,7 @@ DEFAULTS = (kernels.ROTATION_MID_SPLIT, kernels.ROTATION_TILE_ELEMENTS, kernels.
 
 
 def clear_caches():
-    kernels._cached_plan.cache_clear()
-    kernels._PLAN_ENTRIES.clear()
-    kernels._FORMAT_ENTRIES.clear()
+    kernels.clear_caches()
     model.mxptq_input_cache.clear()
 
 

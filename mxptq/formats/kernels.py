@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "HAVE_TRITON",
+    "clear_caches",
     "fake_quantize_last_axis",
     "kernels_enabled",
     "rotated_fake_quantize",
@@ -472,9 +473,9 @@ def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None
     candidate (one MMA per direction on exact data)."""
     n = int(rotation.n)
     pow2_part = n & -n
-    candidates = []  # (cost, b_dim, a_first)
+    candidates = []  # (cost, b_dim, a_dim, a_pad, a_first)
     if n <= _MAX_DENSE_ROTATION:
-        candidates.append((_tensor_core_cost(1, 1, n, _pow2_at_least(n), False), n, False))
+        candidates.append((_tensor_core_cost(1, 1, n, _pow2_at_least(n), False), n, 1, 1, False))
     for b_dim in (128, 64, 32, 16):
         if b_dim > pow2_part or b_dim >= n:
             continue
@@ -483,10 +484,8 @@ def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None
         if a_pad > _MAX_FACTOR:
             continue
         for a_first in (False, True):
-            candidates.append((_tensor_core_cost(a_dim, a_pad, b_dim, b_dim, a_first), b_dim, a_first))
-    for _cost, b_dim, a_first in sorted(candidates, key=lambda c: (c[0], -c[1])):
-        a_dim = n // b_dim
-        a_pad = 1 if a_dim == 1 else _pow2_at_least(a_dim)
+            candidates.append((_tensor_core_cost(a_dim, a_pad, b_dim, b_dim, a_first), b_dim, a_dim, a_pad, a_first))
+    for _cost, b_dim, a_dim, a_pad, a_first in sorted(candidates, key=lambda c: (c[0], -c[1])):
         fwd = _factor_kron(rotation, "forward", n, b_dim)
         inv = _factor_kron(rotation, "inverse", n, b_dim)
         if fwd is None or inv is None:
@@ -497,7 +496,7 @@ def _build_rotation_plan(rotation, device: torch.device) -> _RotationPlan | None
         (fa, sa), (fb, sb), (ia, sia), (ib, sib) = factors
         b_pad = _pow2_at_least(b_dim)
         return _RotationPlan(
-            n=n, a_dim=a_dim, a_pad=a_pad, b_dim=b_dim, b_pad=b_pad, a_first=a_first and a_dim > 1,
+            n=n, a_dim=a_dim, a_pad=a_pad, b_dim=b_dim, b_pad=b_pad, a_first=a_first,
             forward_a=_padded(fa, a_pad, device, transpose=False),
             forward_b_t=_padded(fb, b_pad, device, transpose=True),
             inverse_a=_padded(ia, a_pad, device, transpose=False),
@@ -537,6 +536,15 @@ def _plan_entry(rotation, device: torch.device) -> _PlanEntry:
             _PLAN_ENTRIES.clear()
         _PLAN_ENTRIES[key] = entry
     return entry
+
+
+def clear_caches() -> None:
+    """Forget every rotation plan and per-format launch configuration, so that the next call
+    rebuilds them from the current module settings (tests and benchmarks that change the plan
+    builder or the tuning constants)."""
+    _cached_plan.cache_clear()
+    _PLAN_ENTRIES.clear()
+    _FORMAT_ENTRIES.clear()
 
 
 # Rotated kernel launch: padded elements per tile (ROWS rows of a_pad * b_pad), warps, and

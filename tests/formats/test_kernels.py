@@ -207,9 +207,7 @@ def test_rotated_quantize_either_stage_order_over_several_tiles(monkeypatch, n: 
         return dataclasses.replace(plan, a_first=a_first and plan.a_dim > 1)
 
     monkeypatch.setattr(kernels, "_build_rotation_plan", forced)
-    monkeypatch.setattr(kernels, "_PLAN_ENTRIES", {})
-    monkeypatch.setattr(kernels, "_FORMAT_ENTRIES", {})
-    kernels._cached_plan.cache_clear()
+    kernels.clear_caches()
     try:
         fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)
         rotation = hadamard.get_rotation(n, block_size=32)
@@ -220,7 +218,7 @@ def test_rotated_quantize_either_stage_order_over_several_tiles(monkeypatch, n: 
         err_ref = (ref - x.float()).norm(dim=1)
         assert ((got - ref).norm(dim=1) <= 0.05 * err_ref).all(), "a row differs beyond boundary flips"
     finally:
-        kernels._cached_plan.cache_clear()
+        kernels.clear_caches()  # no forced plan outlives the test
 
 
 def test_rotated_quantize_exact_on_exactly_rotatable_input() -> None:
