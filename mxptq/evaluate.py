@@ -298,8 +298,9 @@ class ModelForward:
                 entry = self._capture(input_ids)
             if entry is not None:
                 static_ids, graph, static_logits = entry
-                static_ids.copy_(input_ids)
-                graph.replay()
+                with torch.cuda.device(self.device):  # replay on the device it was captured on
+                    static_ids.copy_(input_ids)
+                    graph.replay()
                 return static_logits  # overwritten by the next replay: callers use it first
         return self.model(input_ids=input_ids, use_cache=False).logits
 
@@ -312,30 +313,33 @@ class ModelForward:
         static_ids = input_ids.clone()
         graph = None
         self._clear_input_cache()  # no quantized input held from an eager call may be captured
-        try:
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(self.device)
-            side = self._side_stream
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles kernels, builds lazy state (rotation plans, caches)
-                    self.model(input_ids=static_ids, use_cache=False)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # Graphs share one memory pool: they never run concurrently, and each replay's
-            # logits are consumed before the next replay.
-            with torch.cuda.graph(graph, pool=self._pool):
-                static_logits = self.model(input_ids=static_ids, use_cache=False).logits
-        except RuntimeError as err:  # not capturable: stay eager
-            if graph is not None:
-                _recover_from_failed_capture(self.device)
-            self.graphs_enabled = False
-            self._graphs.clear()
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            self._failure = first[:200]
-            return None
+        # The model's device, not the current one: torch.cuda.graph captures on a stream of the
+        # current device (a recipe may put the model on cuda:N).
+        with torch.cuda.device(self.device):
+            try:
+                if self._side_stream is None:
+                    self._side_stream = torch.cuda.Stream(self.device)
+                side = self._side_stream
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # compiles kernels, builds lazy state (rotation plans, caches)
+                        self.model(input_ids=static_ids, use_cache=False)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                # Graphs share one memory pool: they never run concurrently, and each replay's
+                # logits are consumed before the next replay.
+                with torch.cuda.graph(graph, pool=self._pool):
+                    static_logits = self.model(input_ids=static_ids, use_cache=False).logits
+            except RuntimeError as err:  # not capturable: stay eager
+                if graph is not None:
+                    _recover_from_failed_capture()
+                self.graphs_enabled = False
+                self._graphs.clear()
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                self._failure = first[:200]
+                return None
         entry = (static_ids, graph, static_logits)
         self._graphs[tuple(input_ids.shape)] = entry
         return entry
@@ -365,10 +369,10 @@ class ModelForward:
             cache.clear()
 
 
-def _recover_from_failed_capture(device: torch.device) -> None:
+def _recover_from_failed_capture() -> None:
     """After a capture that raised, the CUDA RNG may still be registered as capturing (torch
     unregisters it only when a capture ends cleanly) and the next `torch.randn` on the device
-    fails. One empty capture that ends cleanly resets it."""
+    fails. One empty capture that ends cleanly (on the current device: the caller's) resets it."""
     try:
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             pass
