@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from offline import TINY_LLAMA_CONFIG
 
 # Without a GPU, the Triton kernels are tested through Triton's CPU interpreter. The variable must
 # be set before anything imports triton (mxptq.nn imports the kernels module on first use), so it
@@ -30,17 +31,7 @@ if not torch.cuda.is_available():
 # oversubscribes them and makes small-tensor tests many times slower.
 torch.set_num_threads(1)
 
-TINY_LLAMA_CONFIG: dict[str, Any] = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "intermediate_size": 128,
-    "vocab_size": 256,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
+
 
 
 def make_tiny_llama(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,19 @@ def byte_tokenizer():
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
 
+
+# The tiny Llama every model test builds (tests/conftest.py: make_tiny_llama).
+TINY_LLAMA_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
 
 # A tiny Llama for the evaluator tests (vocabulary = the byte tokenizer's 256 bytes + 2 specials).
 EVAL_MODEL = {"seed": 0, "vocab_size": 258, "max_position_embeddings": 512}

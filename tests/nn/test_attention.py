@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from offline import TINY_LLAMA_CONFIG
 from transformers.modeling_utils import AttentionInterface
 
 from mxptq.errors import ModelError
@@ -26,16 +27,8 @@ KV4 = SimpleNamespace(rope=None, kv_cache=MXINT4, qk_matmul=None, softmax=None, 
 QK_KV = SimpleNamespace(rope=None, kv_cache=MXINT4, qk_matmul=MXINT8, softmax=None, av_matmul=None)
 ALL_STAGES = SimpleNamespace(rope=MXFP8, kv_cache=MXINT4, qk_matmul=MXINT8, softmax=MXFP8, av_matmul=MXFP6)
 
-SMALL = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "intermediate_size": 128,
-    "vocab_size": 256,
-    "max_position_embeddings": 256,
-}
+# The shared tiny config, with the embeddings tied as each architecture's default has them.
+SMALL = {key: value for key, value in TINY_LLAMA_CONFIG.items() if key != "tie_word_embeddings"}
 
 
 def swap_attention(model, config):
