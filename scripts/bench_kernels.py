@@ -111,10 +111,14 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
         else:
             ref_rot = rotation.inverse(quantize_reference(rotation.forward(x), fmt))
             diff = (rotated.float() - ref_rot.float()).abs()
+            which = ("Gluon butterflies" if kernels.USE_WALSH_KERNEL and kernels.HAVE_GLUON
+                     and kernels.GLUON_FAILURE is None and kernels._is_walsh(rotation) else "two-stage MMA")
+            agreement = ("bit-exact" if float(diff.max()) == 0 else
+                         f"{100 * float((diff > 0).float().mean()):.3f}% elems differ from reference, "
+                         f"max |diff| {float(diff.max()):.3g}")
             record("rotated kernel", fmt_name,
                    time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs, args.iters),
-                   f"{rotation.description}; {100 * float((diff > 0).float().mean()):.3f}% elems differ "
-                   f"from reference, max |diff| {float(diff.max()):.3g}",
+                   f"{rotation.description}; {which}; {agreement}",
                    eager=time_op(lambda f=fmt: kernels.try_rotated_quantize(x, f, rotation), args.warmup, args.iters))
             del ref_rot, diff
         if not args.no_reference:
@@ -134,6 +138,32 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
     return rows
 
 
+def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
+    """The Gluon Walsh kernel's (warps, log2 values per thread, programs per SM) settings."""
+    log_n = n.bit_length() - 1
+    default = kernels.WALSH_CONFIGS.get(log_n)
+    for warps, bits, per_sm in ((4, 6, 4), (4, 6, 8), (8, 6, 2), (8, 6, 4), (4, 5, 8), (8, 5, 4), (8, 5, 2),
+                                (16, 5, 2)):
+        kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm)
+        kernels.clear_caches()
+        try:
+            t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
+            if kernels.GLUON_FAILURE is not None:  # it fell back to the MMA kernel: not this setting
+                raise RuntimeError(kernels.GLUON_FAILURE)
+        except Exception as exc:  # noqa: BLE001 - e.g. a row that does not fit the warps: record it
+            kernels.GLUON_FAILURE = None
+            print(f"| {n} | {dtype_name} | {fmt_name} | walsh warps={warps} values/thread={1 << bits} "
+                  f"programs/SM={per_sm} | failed: {type(exc).__name__} | |", flush=True)
+            continue
+        print(f"| {n} | {dtype_name} | {fmt_name} | walsh warps={warps} values/thread={1 << bits} "
+              f"programs/SM={per_sm} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
+    if default is None:
+        kernels.WALSH_CONFIGS.pop(log_n, None)
+    else:
+        kernels.WALSH_CONFIGS[log_n] = default
+    kernels.clear_caches()
+
+
 def sweep(args) -> None:
     """Tile / warp / split settings of the kernels, device time only, printed as a table."""
     import itertools
@@ -148,13 +178,17 @@ def sweep(args) -> None:
         copy_s = time_device(lambda t: t.clone(), inputs, args.iters)
         for fmt_name in args.formats.split(","):
             fmt = FORMATS[fmt_name]
-            for tile, warps in (() if args.sweep_rotated_only else
+            for tile, warps in (() if args.sweep_rotated_only or args.sweep_walsh_only else
                                 ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))):
                 kernels.PLAIN_TILE_ELEMENTS, kernels.PLAIN_NUM_WARPS = tile, warps
                 t = time_device(lambda v, f=fmt: kernels.try_quantize(v, f), inputs, args.iters)
                 print(f"| {n} | {dtype_name} | {fmt_name} | plain tile={tile} warps={warps} | {t * 1e6:.1f} | "
                       f"{100 * copy_s / t:.0f} |", flush=True)
             rot = get_rotation(n, block_size=32)
+            if kernels._is_walsh(rot) and kernels.HAVE_GLUON:
+                _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
+                if args.sweep_walsh_only:
+                    continue
             names = ("ROTATION_TILE_ELEMENTS", "ROTATION_NUM_WARPS", "ROTATION_PROGRAMS_PER_SM", "ROTATION_MID_SPLIT")
             defaults = tuple(getattr(kernels, name) for name in names)
             default_a_first_tile = kernels.ROTATION_TILE_ELEMENTS_A_FIRST
@@ -192,6 +226,7 @@ def main() -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
     ap.add_argument("--sweep", action="store_true", help="only time kernel settings (tile, warps, split)")
     ap.add_argument("--sweep-rotated-only", action="store_true", help="with --sweep: only the rotated kernel")
+    ap.add_argument("--sweep-walsh-only", action="store_true", help="with --sweep: only the Gluon Walsh kernel")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA device", file=sys.stderr)

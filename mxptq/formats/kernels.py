@@ -50,7 +50,16 @@ except ImportError:  # pragma: no cover - depends on the install
     _triton_mx = None
     HAVE_TRITON = False
 
+try:  # Gluon (Triton's explicit-layout dialect, experimental): the Walsh-rotated kernel.
+    from mxptq.formats import _gluon_mx
+
+    HAVE_GLUON = HAVE_TRITON
+except Exception:  # noqa: BLE001 - ImportError, or a Triton whose Gluon API differs
+    _gluon_mx = None
+    HAVE_GLUON = False
+
 __all__ = [
+    "HAVE_GLUON",
     "HAVE_TRITON",
     "clear_caches",
     "fake_quantize_last_axis",
@@ -543,6 +552,7 @@ def clear_caches() -> None:
     rebuilds them from the current module settings (tests and benchmarks that change the plan
     builder or the tuning constants)."""
     _cached_plan.cache_clear()
+    _walsh_plan.cache_clear()
     _PLAN_ENTRIES.clear()
     _FORMAT_ENTRIES.clear()
 
@@ -565,9 +575,77 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Walsh-rotated kernel (Gluon): (num_warps, log2 of the values per thread, programs per SM) by
+# log2 of the row length, from the sweep on an H100 (benchmarks/h100/walsh_sweep.md): rows up to
+# 2^12 run 64 values per thread on 4 warps, 2^13 32 values on 8 warps. 2^14 and 2^15 (not
+# measured) take 64 values per thread on as many warps as one row needs.
+WALSH_CONFIGS = {13: (8, 5, 4), 14: (8, 6, 4), 15: (16, 6, 2)}
+WALSH_DEFAULT_CONFIG = (4, 6, 8)
+WALSH_LOG_N_RANGE = (8, 15)
+# Tests switch this off to run the MMA kernel on Walsh sizes too.
+USE_WALSH_KERNEL = True
+# Set to the error message if a Gluon kernel ever fails to compile or launch here (a Triton
+# whose experimental Gluon API differs): from then on the MMA kernel serves every rotation.
+GLUON_FAILURE: str | None = None
+
+
+def _is_walsh(rotation) -> bool:
+    """The rotation is the normalized Sylvester Walsh-Hadamard transform (mxptq.nn.hadamard's
+    "walsh" kind: forward == inverse == fwht / sqrt(n)) on a row length the Gluon kernel takes."""
+    n = getattr(rotation, "n", None)
+    if getattr(rotation, "kind", None) != "walsh" or not isinstance(n, int) or n & (n - 1):
+        return False
+    return WALSH_LOG_N_RANGE[0] <= n.bit_length() - 1 <= WALSH_LOG_N_RANGE[1]
+
+
+@functools.lru_cache(maxsize=32)
+def _walsh_plan(log_n: int, num_warps: int, register_bits: int) -> tuple[dict, int]:
+    """The Gluon kernel's layout constexprs for rows of 2^log_n, and rows per tile."""
+    plan = _gluon_mx.walsh_plan(log_n, num_warps, register_bits)
+    rows_per_tile = plan.pop("rows_per_tile")
+    return plan, rows_per_tile
+
+
+def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch.Tensor | None:
+    """The Walsh-rotated kernel (`_gluon_mx`), or None where it does not apply."""
+    global GLUON_FAILURE
+    block = fmt.block_size
+    n = rotation.n
+    if block & (block - 1) or block > n or not x.is_cuda or entry.spec.nonfinite != 0:
+        return None
+    log_n = n.bit_length() - 1
+    num_warps, register_bits, programs_per_sm = WALSH_CONFIGS.get(log_n, WALSH_DEFAULT_CONFIG)
+    plan, rows_per_tile = _walsh_plan(log_n, num_warps, register_bits)
+    x = x.contiguous()
+    n_rows = x.numel() // n
+    even = n_rows % rows_per_tile == 0
+    key = ("walsh", n, x.dtype, num_warps, register_bits, even)
+    config = entry.configs.get(key)
+    if config is None:
+        io = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 3}[x.dtype]
+        config = entry.configs[key] = _LaunchConfig(
+            _gluon_mx.mx_walsh_rotated_kernel, 5,
+            dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs), num_warps)
+    n_tiles = -(-n_rows // rows_per_tile)
+    y = torch.empty_like(x)
+    grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)
+    # 1 / sqrt(n) as the reference's fp32 multiply uses it (a Python float, rounded to fp32)
+    args = (x, y, n_rows, n_tiles, 1.0 / math.sqrt(n))
+    try:
+        with _on_device(x):
+            _launch(config, grid, args)
+    except Exception as exc:
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        GLUON_FAILURE = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return None
+    return y
+
+
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
     """R^-1 Q(R x) along the last axis in one fused kernel, or None if not covered.
-    Does not check kernels_enabled()."""
+    Does not check kernels_enabled(). Walsh rotations on CUDA run the Gluon butterfly kernel
+    (bit-exact); every other +-1 Kronecker rotation the two-stage MMA kernel."""
     if not HAVE_TRITON or x.dtype not in _IO_CODES or x.dim() == 0:
         return None
     numel = x.numel()
@@ -577,6 +655,10 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
     entry = _format_entry(fmt)
     if entry.spec is None:
         return None
+    if USE_WALSH_KERNEL and HAVE_GLUON and GLUON_FAILURE is None and _is_walsh(rotation):
+        y = _walsh_rotated(x, entry, fmt, rotation)
+        if y is not None:
+            return y
     plan_entry = _plan_entry(rotation, x.device)
     plan = plan_entry.plan
     if plan is None:

@@ -1,0 +1,187 @@
+"""Gluon kernel for the Walsh-rotated MX fake-quantizer: y = H Q(H x) / n along rows of 2^L.
+
+Only `mxptq.formats.kernels` imports this module, and only after `triton.experimental.gluon`
+imported. Gluon is Triton's explicit-layout dialect: every tensor says which of its index bits
+live in a thread's registers, which across the 32 lanes of a warp and which across warps (a
+"linear layout", Zhou et al. 2025, arXiv:2505.23819). That is what a fast Walsh-Hadamard
+transform needs, and what plain Triton cannot express (there, the compiler moved the tile
+through shared memory between every butterfly level, or fed tensor cores with three bf16 pieces
+of the fp32 intermediate; benchmarks/h100/ncu_rotated.md).
+
+The transform, read against `mxptq.nn.hadamard.fwht`: a row of n = 2^L elements is indexed by
+L bits; butterfly level h = 2^b pairs the elements whose index differs only in bit b and
+replaces (a, c) by (a + c, a - c). A level is pure register arithmetic when bit b is a
+register bit of the current layout. So the tile runs through a few layouts ("stages"), each
+holding the next run of bits in registers; `walsh_plan` chooses them. Between stages one
+`convert_layout` moves the tile (through shared memory or warp shuffles, the compiler's choice).
+
+Bit-exact against the reference, not just close: the levels run in the reference's order
+(b = 0, 1, ..., L-1), each in IEEE fp32 like torch's, the normalization is the same fp32 multiply
+by 1/sqrt(n), H x and Q(H x) are rounded to the activation dtype where the reference rounds
+them, and Q is `_triton_mx._fake_quantize_given_amax`, the plain kernel's exact MX math.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from mxptq.formats import _triton_mx as _mx
+
+LANE_BITS = 5  # 32 lanes per warp
+REGISTER_BITS = 6  # 64 fp32 values of the tile per thread: the largest count that did not spill
+VECTOR_BITS = 3  # 8 consecutive elements per thread at load/store (16 bytes of fp16)
+MAX_STAGES = 4  # layouts per direction the kernel signature carries (L <= 15 needs at most 4)
+
+
+@gluon.jit
+def _butterfly(x, H: gl.constexpr, M: gl.constexpr):
+    """One level of the Walsh transform on a flat tile of M elements: pairs (a, c) at index
+    distance H become (a + c, a - c). Viewing the tile as [M / 2H, 2, H] and splitting the middle
+    axis is a relabelling of registers when that bit is a register bit (the stage guarantees it)."""
+    y = gl.permute(gl.reshape(x, (M // (2 * H), 2, H)), (0, 2, 1))
+    a, c = gl.split(y)
+    y = gl.permute(gl.join(a + c, a - c), (0, 2, 1))
+    return gl.reshape(y, (M,))
+
+
+@gluon.jit
+def _stage(x, LAYOUT: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr, M: gl.constexpr):
+    """Move the tile to LAYOUT (whose registers hold bits FIRST..LAST-1), then run those levels."""
+    x = gl.convert_layout(x, LAYOUT)
+    for b in gl.static_range(FIRST, LAST):
+        x = _butterfly(x, 1 << b, M)
+    return x
+
+
+@gluon.jit
+def _walsh(x, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr,
+           E0: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr, E3: gl.constexpr,
+           N_STAGES: gl.constexpr, M: gl.constexpr):
+    """Unnormalized Walsh transform of every row of the tile: stage k holds bits E(k-1)..Ek-1
+    in registers of layout Sk (E(-1) = 0)."""
+    x = _stage(x, S0, 0, E0, M)
+    if N_STAGES > 1:
+        x = _stage(x, S1, E0, E1, M)
+    if N_STAGES > 2:
+        x = _stage(x, S2, E1, E2, M)
+    if N_STAGES > 3:
+        x = _stage(x, S3, E2, E3, M)
+    return x
+
+
+@gluon.jit
+def mx_walsh_rotated_kernel(
+    x_ptr, y_ptr, n_rows, n_tiles, scale,
+    IO_LAYOUT: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr,
+    S3: gl.constexpr, E0: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr, E3: gl.constexpr,
+    N_STAGES: gl.constexpr, LOG_N: gl.constexpr, M: gl.constexpr, EVEN: gl.constexpr,
+    IO: gl.constexpr, BLOCK: gl.constexpr,
+    MODE: gl.constexpr, QMAX_LOG2: gl.constexpr, QMAX_SIGNIFICAND: gl.constexpr,
+    SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
+    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
+    CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
+    ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
+):
+    """y = H^T Q(H x) for every row of a row-major [n_rows, 2^LOG_N] tensor, H = H_2^L / sqrt(n)
+    (Sylvester order, symmetric: the inverse is the same transform), one read and one write.
+
+    Persistent: each program loops over tiles of M / 2^LOG_N consecutive rows (a flat tile of M
+    elements). Loads and stores use IO_LAYOUT (8 consecutive elements per thread, lanes over the
+    next 32 groups: coalesced); the MX blocks are BLOCK consecutive row elements, reduced in the
+    same layout. EVEN: the row count is a multiple of the tile's, no masks."""
+    gl.static_assert(NONFINITE == 0, "the rotated kernel implements the block-NaN policy only")
+    local = gl.arange(0, M, layout=IO_LAYOUT)
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        base = tile.to(gl.int64) * M
+        if EVEN:
+            mask = None
+        else:
+            mask = (local >> LOG_N) < n_rows - tile.to(gl.int64) * (M >> LOG_N)
+        x = _mx._load_f32_fast(x_ptr + base + local, mask, IO)
+        x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
+        # The reference rounds H x to the activation dtype (Rotation.forward keeps the dtype)
+        # and Q's output too (quantize keeps it).
+        x = gl.convert_layout(x, IO_LAYOUT)
+        x = _mx._round_through_io(x * scale, IO)
+        blocks = gl.reshape(x, (M // BLOCK, BLOCK))
+        amax_bits = gl.expand_dims(gl.max(blocks.to(gl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), 1)
+        q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
+                                          SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
+                                          CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
+                                          ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX)
+        x = _mx._round_through_io(gl.reshape(q, (M,)), IO)
+        x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
+        x = gl.convert_layout(x, IO_LAYOUT)
+        _mx._store_f32_fast(y_ptr + base + local, x * scale, mask, IO)
+
+
+def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -> dict:
+    """Layouts and stage boundaries for rows of 2^log_n (8 <= log_n <= 15), as the kernel's
+    constexprs (IO_LAYOUT, S0..S3, E0..E3, N_STAGES, LOG_N, M) plus "rows_per_tile".
+
+    A tile has T index bits: the row's log_n bits (0 = contiguous), then row bits. Each thread
+    holds 2^register_bits values; a row shorter than a warp's share puts row bits in registers
+    (so a thread still has that many values), a longer one spreads over warp bits; the remaining
+    warp bits take further rows. The IO layout keeps bits 0-2 in registers and 3-7 in lanes (coalesced
+    16-byte accesses) and the row's top bits in registers; a stage layout holds the next run of
+    unprocessed bits in registers, stopping where the IO layout's register bits resume."""
+    if not 8 <= log_n <= 15:
+        raise ValueError(f"walsh_plan: log_n must be in [8, 15], got {log_n}")
+    if not VECTOR_BITS <= register_bits <= 7:
+        raise ValueError(f"walsh_plan: register_bits must be in [3, 7], got {register_bits}")
+    warp_bits = num_warps.bit_length() - 1
+    row_warp_bits_needed = max(0, log_n - (register_bits + LANE_BITS))
+    if (1 << warp_bits) != num_warps or warp_bits < row_warp_bits_needed:
+        raise ValueError(f"walsh_plan: {num_warps} warps cannot hold a row of 2^{log_n}")
+    register_row_bits = max(0, register_bits + LANE_BITS - log_n)
+    warp_row_bits = warp_bits - row_warp_bits_needed
+    total = log_n + register_row_bits + warp_row_bits
+    top_in_registers = register_bits - VECTOR_BITS - register_row_bits
+    io_regs = (list(range(VECTOR_BITS)) + list(range(log_n - top_in_registers, log_n))
+               + list(range(log_n, log_n + register_row_bits)))
+    io_lanes = list(range(VECTOR_BITS, VECTOR_BITS + LANE_BITS))
+    io_warps = [b for b in range(total) if b not in io_regs and b not in io_lanes]
+
+    def layout(regs, lanes, warps):
+        assert sorted(regs + lanes + warps) == list(range(total)), (regs, lanes, warps)
+        return gl.DistributedLinearLayout(
+            reg_bases=[[1 << b] for b in regs], lane_bases=[[1 << b] for b in lanes],
+            warp_bases=[[1 << b] for b in warps], block_bases=[], shape=[1 << total])
+
+    io_layout = layout(io_regs, io_lanes, io_warps)
+    stages = []  # (layout, first bit, end bit)
+    current, current_regs = io_layout, io_regs
+    b = 0
+    while b < log_n:
+        if b in io_regs and b not in current_regs:
+            current, current_regs = io_layout, io_regs
+        elif b not in current_regs:
+            stop = min([log_n, b + register_bits] + [i for i in io_regs if i > b])
+            regs = list(range(b, stop))
+            rest = [i for i in range(total) if i not in regs]
+            regs += rest[: register_bits - len(regs)]
+            rest = [i for i in range(total) if i not in regs]
+            current, current_regs = layout(regs, rest[:LANE_BITS], rest[LANE_BITS:]), regs
+        end = b
+        while end < log_n and end in current_regs:
+            end += 1
+        stages.append((current, end))
+        b = end
+    if len(stages) > MAX_STAGES:  # pragma: no cover - not reachable for log_n <= 15
+        raise ValueError(f"walsh_plan: {len(stages)} stages for 2^{log_n}")
+    consts = {"IO_LAYOUT": io_layout, "N_STAGES": len(stages), "LOG_N": log_n, "M": 1 << total}
+    for k in range(MAX_STAGES):
+        stage_layout, end = stages[min(k, len(stages) - 1)]
+        consts[f"S{k}"] = stage_layout
+        consts[f"E{k}"] = end
+    consts["rows_per_tile"] = 1 << (total - log_n)
+    return consts
+
+
+def stage_register_bits(consts: dict) -> list[tuple[list[int], int, int]]:
+    """For tests: each stage's register bits and bit range [first, end)."""
+    out, first = [], 0
+    for k in range(consts["N_STAGES"]):
+        regs = [basis[0].bit_length() - 1 for basis in consts[f"S{k}"].reg_bases]
+        out.append((regs, first, consts[f"E{k}"]))
+        first = consts[f"E{k}"]
+    return out

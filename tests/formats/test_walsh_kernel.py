@@ -1,0 +1,148 @@
+"""The Gluon Walsh-rotated MX kernel (mxptq/formats/_gluon_mx.py).
+
+Independent expectations:
+- the layout plan (CPU): a linear layout is a bijection between (register, lane, warp) bits and
+  the tile's index bits; every butterfly level must run while its bit is a register bit; the
+  levels must come in the reference's order (bit 0 first, as `mxptq.nn.hadamard.fwht`); the
+  IO layout must give each thread 8 consecutive elements and the lanes the next 32 groups;
+- the kernel (CUDA only; the device tool): the reference path
+  `rotation.inverse(quantize_reference(rotation.forward(x)))`, *bit for bit* — the kernel runs
+  the same fp32 butterflies in the same order and the same MX math, so nothing may differ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+gluon_mx = pytest.importorskip("mxptq.formats._gluon_mx", exc_type=ImportError)
+
+from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels, quantize_reference
+from mxptq.nn import hadamard
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _bits(bases) -> list[int]:
+    return [basis[0].bit_length() - 1 for basis in bases]
+
+
+def _configs():
+    for log_n in range(8, 16):
+        yield (log_n, *kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)[:2])
+    yield (11, 8, 5)  # the alternative settings the sweep also ran
+    yield (12, 8, 6)
+
+
+@pytest.mark.parametrize("log_n,num_warps,register_bits", list(_configs()))
+def test_walsh_plan_runs_every_level_in_registers_in_reference_order(log_n, num_warps, register_bits) -> None:
+    plan = gluon_mx.walsh_plan(log_n, num_warps, register_bits)
+    total = plan["M"].bit_length() - 1
+    assert plan["rows_per_tile"] == 1 << (total - log_n)
+    layouts = [plan["IO_LAYOUT"]] + [plan[f"S{k}"] for k in range(plan["N_STAGES"])]
+    for layout in layouts:
+        regs, lanes, warps = _bits(layout.reg_bases), _bits(layout.lane_bases), _bits(layout.warp_bases)
+        assert sorted(regs + lanes + warps) == list(range(total)), "not a bijection onto the tile"
+        assert (len(regs), len(lanes), len(warps)) == (register_bits, 5, num_warps.bit_length() - 1)
+    io = plan["IO_LAYOUT"]
+    assert _bits(io.reg_bases)[:3] == [0, 1, 2] and _bits(io.lane_bases) == [3, 4, 5, 6, 7]
+    levels = []
+    for regs, first, end in gluon_mx.stage_register_bits(plan):
+        assert first < end and all(b in regs for b in range(first, end)), "a level off registers"
+        levels.extend(range(first, end))
+    assert levels == list(range(log_n)), "levels out of the reference's order"
+
+
+def test_walsh_plan_rejects_what_it_cannot_lay_out() -> None:
+    with pytest.raises(ValueError, match="log_n"):
+        gluon_mx.walsh_plan(7, 4)
+    with pytest.raises(ValueError, match="warps cannot hold"):
+        gluon_mx.walsh_plan(13, 2)  # 2 warps x 32 lanes x 64 values = 4096 < 8192
+    with pytest.raises(ValueError, match="register_bits"):
+        gluon_mx.walsh_plan(11, 4, register_bits=2)
+
+
+def test_only_walsh_rotations_of_covered_lengths_qualify() -> None:
+    assert kernels._is_walsh(hadamard.get_rotation(2048))
+    assert kernels._is_walsh(hadamard.get_rotation(256))
+    assert not kernels._is_walsh(hadamard.get_rotation(128))  # below the kernel's range
+    assert not kernels._is_walsh(hadamard.get_rotation(1536))  # H_12 kron H_128
+    assert not kernels._is_walsh(hadamard.get_rotation(96, block_size=32))  # block-diagonal
+    assert not kernels._is_walsh(hadamard.KeyAxisRotation(32))
+
+
+FORMATS = [
+    Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL),
+    Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.SYMMETRIC),
+    Format(ELEMENT_FORMATS["int8"], 32, ScaleRule.OCP),
+    Format(ELEMENT_FORMATS["e2m1"], 32, ScaleRule.OCP),
+    Format(ELEMENT_FORMATS["e4m3"], 32, ScaleRule.OCP),
+    Format(ELEMENT_FORMATS["e5m2"], 32, ScaleRule.OCP),
+]
+
+
+def _rows(rows: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=gen) * torch.logspace(-3, 3, rows)[:, None]
+    x[:, 5] *= 40.0  # an outlier channel
+    x[0] = 0.0  # an all-zero row: zero blocks
+    return x.to(dtype).cuda()
+
+
+def _reference(x: torch.Tensor, fmt: Format, rotation) -> torch.Tensor:
+    return rotation.inverse(quantize_reference(rotation.forward(x), fmt))
+
+
+def _assert_bit_exact(got, ref, what) -> None:
+    assert got is not None, f"{what}: not covered"
+    same = (got == ref) | (got.isnan() & ref.isnan())
+    assert bool(same.all()), f"{what}: {int((~same).sum())} of {same.numel()} elements differ"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n", [256, 512, 1024, 2048, 4096, 8192, 16384])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_walsh_kernel_bit_exact_every_length_and_dtype(n, dtype) -> None:
+    rotation = hadamard.get_rotation(n)
+    fmt = FORMATS[0]
+    for rows in (37, 64):  # a ragged last tile (masked) and whole tiles
+        x = _rows(rows, n, dtype, seed=n + rows)
+        _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), f"n={n} rows={rows}")
+    assert kernels.GLUON_FAILURE is None
+    assert any(key[0] == "walsh" for key in kernels._format_entry(fmt).configs), "the Gluon kernel did not run"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.element.name}-{f.scale_rule.value}")
+def test_walsh_kernel_bit_exact_every_format(fmt) -> None:
+    rotation = hadamard.get_rotation(2048)
+    x = _rows(48, 2048, torch.float16, seed=3)
+    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), str(fmt))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+def test_walsh_kernel_bit_exact_other_block_sizes(block_size) -> None:
+    fmt = Format(ELEMENT_FORMATS["e2m1"], block_size, ScaleRule.OCP)
+    rotation = hadamard.get_rotation(1024)
+    x = _rows(20, 1024, torch.bfloat16, seed=block_size)
+    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), f"block {block_size}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_walsh_kernel_nonfinite_rows_follow_the_reference() -> None:
+    """A NaN or Inf spreads over its whole row through the transform; the block-NaN policy then
+    makes every block of that row NaN, in the kernel as in the reference."""
+    fmt = FORMATS[0]
+    rotation = hadamard.get_rotation(512)
+    x = _rows(8, 512, torch.float16, seed=9)
+    x[2, 17] = float("nan")
+    x[5, 300] = float("inf")
+    got = kernels.rotated_fake_quantize(x, fmt, rotation)
+    _assert_bit_exact(got, _reference(x, fmt, rotation), "non-finite rows")
+    assert bool(got[2].isnan().all()) and bool(got[5].isnan().all()) and not bool(got[3].isnan().any())
