@@ -111,8 +111,8 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
         else:
             ref_rot = rotation.inverse(quantize_reference(rotation.forward(x), fmt))
             diff = (rotated.float() - ref_rot.float()).abs()
-            which = ("Gluon butterflies" if kernels.USE_WALSH_KERNEL and kernels.HAVE_GLUON
-                     and kernels.GLUON_FAILURE is None and kernels._is_walsh(rotation) else "two-stage MMA")
+            ran_walsh = any(k[0] == "walsh" and k[1] == n and k[2] == x.dtype for k in kernels._format_entry(fmt).configs)
+            which = "Gluon butterflies" if ran_walsh else "two-stage MMA"
             agreement = ("bit-exact" if float(diff.max()) == 0 else
                          f"{100 * float((diff > 0).float().mean()):.3f}% elems differ from reference, "
                          f"max |diff| {float(diff.max()):.3g}")
@@ -148,10 +148,10 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
         kernels.clear_caches()
         try:
             t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
-            if kernels.GLUON_FAILURE is not None:  # it fell back to the MMA kernel: not this setting
-                raise RuntimeError(kernels.GLUON_FAILURE)
+            if kernels.GLUON_FAILURES:  # it fell back to the MMA kernel: not this setting
+                raise RuntimeError(next(iter(kernels.GLUON_FAILURES.values())))
         except Exception as exc:  # noqa: BLE001 - e.g. a row that does not fit the warps: record it
-            kernels.GLUON_FAILURE = None
+            kernels.GLUON_FAILURES.clear()
             print(f"| {n} | {dtype_name} | {fmt_name} | walsh warps={warps} values/thread={1 << bits} "
                   f"programs/SM={per_sm} | failed: {type(exc).__name__} | |", flush=True)
             continue

@@ -1,7 +1,8 @@
-"""Gluon kernel for the Walsh-rotated MX fake-quantizer: y = H Q(H x) / n along rows of 2^L.
+"""Gluon kernel for the Walsh-rotated MX fake-quantizer: y = H^T Q(H x), H = H_2^L / sqrt(n),
+along rows of n = 2^L.
 
-Only `mxptq.formats.kernels` imports this module, and only after `triton.experimental.gluon`
-imported. Gluon is Triton's explicit-layout dialect: every tensor says which of its index bits
+`mxptq.formats.kernels` imports this module inside a try (no Triton, or a Triton without this
+Gluon API: the MMA kernel serves every rotation). Gluon is Triton's explicit-layout dialect: every tensor says which of its index bits
 live in a thread's registers, which across the 32 lanes of a warp and which across warps (a
 "linear layout", Zhou et al. 2025, arXiv:2505.23819). That is what a fast Walsh-Hadamard
 transform needs, and what plain Triton cannot express (there, the compiler moved the tile

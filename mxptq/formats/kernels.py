@@ -39,6 +39,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -224,7 +225,8 @@ class _LaunchConfig:
 def _arg_key(arg):
     """What Triton specializes a runtime argument on (see the comment above)."""
     if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
+        # the device too: a compiled kernel's handle is loaded on one GPU only
+        return arg.dtype, arg.data_ptr() % 16 == 0, arg.device
     if isinstance(arg, bool):
         return "b", arg
     if isinstance(arg, int):
@@ -557,6 +559,7 @@ def clear_caches() -> None:
     builder or the tuning constants)."""
     _cached_plan.cache_clear()
     _walsh_plan.cache_clear()
+    _verified_walsh.cache_clear()
     _PLAN_ENTRIES.clear()
     _FORMAT_ENTRIES.clear()
 
@@ -588,18 +591,48 @@ WALSH_DEFAULT_CONFIG = (4, 6, 8)
 WALSH_LOG_N_RANGE = (8, 15)
 # Tests switch this off to run the MMA kernel on Walsh sizes too.
 USE_WALSH_KERNEL = True
-# Set to the error message if a Gluon kernel ever fails to compile or launch here (a Triton
-# whose experimental Gluon API differs): from then on the MMA kernel serves every rotation.
-GLUON_FAILURE: str | None = None
+# (device, row length, dtype) -> the error of a Gluon kernel that failed to compile or launch
+# there (a Triton whose experimental Gluon API differs): that case then runs the MMA kernel,
+# with one warning.
+GLUON_FAILURES: dict[tuple, str] = {}
+
+
+def _sylvester_rows(rows: torch.Tensor) -> torch.Tensor:
+    """rows @ H_n / sqrt(n), H_n the Sylvester Hadamard matrix, in float64 (our own check)."""
+    n = rows.shape[-1]
+    out = rows.clone()
+    h = 1
+    while h < n:
+        view = out.view(-1, n // (2 * h), 2, h)
+        view[:] = torch.stack((view[:, :, 0] + view[:, :, 1], view[:, :, 0] - view[:, :, 1]), dim=2)
+        h *= 2
+    return out / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=64)
+def _verified_walsh(rotation) -> bool:
+    """rotation.forward and .inverse both equal the normalized Sylvester transform on probes."""
+    probes = torch.randn(2, rotation.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = _sylvester_rows(probes)
+    return all(
+        float((_apply_rotation(rotation, which, probes) - expected).abs().max()) <= 1e-9 * float(expected.abs().max())
+        for which in ("forward", "inverse")
+    )
 
 
 def _is_walsh(rotation) -> bool:
     """The rotation is the normalized Sylvester Walsh-Hadamard transform (mxptq.nn.hadamard's
-    "walsh" kind: forward == inverse == fwht / sqrt(n)) on a row length the Gluon kernel takes."""
+    "walsh" kind: forward == inverse == fwht / sqrt(n)) on a row length the Gluon kernel takes;
+    the name is checked first, then the map itself on probe vectors (once per rotation)."""
     n = getattr(rotation, "n", None)
-    if getattr(rotation, "kind", None) != "walsh" or not isinstance(n, int) or n & (n - 1):
+    if getattr(rotation, "kind", None) != "walsh" or not isinstance(n, int) or n < 1 or n & (n - 1):
         return False
-    return WALSH_LOG_N_RANGE[0] <= n.bit_length() - 1 <= WALSH_LOG_N_RANGE[1]
+    if not WALSH_LOG_N_RANGE[0] <= n.bit_length() - 1 <= WALSH_LOG_N_RANGE[1]:
+        return False
+    try:
+        return _verified_walsh(rotation)
+    except TypeError:  # unhashable rotation object: check every time
+        return _verified_walsh.__wrapped__(rotation)
 
 
 @functools.lru_cache(maxsize=32)
@@ -612,10 +645,12 @@ def _walsh_plan(log_n: int, num_warps: int, register_bits: int) -> tuple[dict, i
 
 def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch.Tensor | None:
     """The Walsh-rotated kernel (`_gluon_mx`), or None where it does not apply."""
-    global GLUON_FAILURE
     block = fmt.block_size
     n = rotation.n
     if block & (block - 1) or block > n or not x.is_cuda or entry.spec.nonfinite != 0:
+        return None
+    failure_key = (x.device, n, x.dtype)
+    if failure_key in GLUON_FAILURES:
         return None
     log_n = n.bit_length() - 1
     num_warps, register_bits, programs_per_sm = WALSH_CONFIGS.get(log_n, WALSH_DEFAULT_CONFIG)
@@ -623,7 +658,7 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     x = x.contiguous()
     n_rows = x.numel() // n
     even = n_rows % rows_per_tile == 0
-    key = ("walsh", n, x.dtype, num_warps, register_bits, even)
+    key = ("walsh", n, x.dtype, x.device, num_warps, register_bits, even)
     config = entry.configs.get(key)
     if config is None:
         io = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 3}[x.dtype]
@@ -641,7 +676,11 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     except Exception as exc:
         if torch.cuda.is_current_stream_capturing():
             raise
-        GLUON_FAILURE = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        GLUON_FAILURES[failure_key] = message
+        warnings.warn(f"mxptq: the Gluon Walsh kernel failed for rows of {n} {x.dtype} on {x.device} "
+                      f"({message}); the MMA kernel serves them (within fp32 rounding, not bit-exact)",
+                      RuntimeWarning, stacklevel=3)
         return None
     return y
 
@@ -659,7 +698,7 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
     entry = _format_entry(fmt)
     if entry.spec is None:
         return None
-    if USE_WALSH_KERNEL and HAVE_GLUON and GLUON_FAILURE is None and _is_walsh(rotation):
+    if USE_WALSH_KERNEL and HAVE_GLUON and _is_walsh(rotation):
         y = _walsh_rotated(x, entry, fmt, rotation)
         if y is not None:
             return y
