@@ -108,7 +108,7 @@ def mx_walsh_rotated_kernel(
         q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
                                           SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                           CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
-                                          ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX)
+                                          ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, IO == 1)
         x = _mx._round_through_io(gl.reshape(q, (M,)), IO)
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
         x = gl.convert_layout(x, IO_LAYOUT)

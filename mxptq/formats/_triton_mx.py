@@ -281,10 +281,16 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
                               ZERO_SHARED: tl.constexpr, CODE_SHIFT: tl.constexpr,
                               IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
                               CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
-                              ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr):
+                              ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr,
+                              ONE_FACTOR: tl.constexpr = False):
     """The block-NaN fake-quantization of `_fake_quantize_tile` for any tile shape: amax_bits
     holds each element's block amax bit pattern (|x| bits maximized over the block), in a shape
-    that broadcasts against x with singleton block axes, so per-block work stays per block."""
+    that broadcasts against x with singleton block axes, so per-block work stays per block.
+
+    ONE_FACTOR: x holds fp16 values (|x| in [2^-24, 65504] or 0, or non-finite). Then a nonzero
+    block's |code_exp| stays below 64 for every format, so 2^-code_exp and 2^code_exp are each
+    one normal fp32 power of two: one exact multiply each way instead of two. (An all-zero
+    block's exponent is clamped into range; it only ever multiplies zeros.)"""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
     nonfinite = amax_bits >= 0x7F800000
@@ -294,14 +300,20 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     shared_exp = tl.minimum(tl.maximum(block_exp + SHARED_OFFSET, SHARED_MIN), SHARED_MAX)
     shared_exp = tl.where(is_zero, ZERO_SHARED, shared_exp)
     code_exp = shared_exp + CODE_SHIFT
-    # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
-    down_lo = (-code_exp) >> 1
-    down_1 = _pow2(down_lo)
-    down_2 = _pow2(-code_exp - down_lo)
-    up_lo = code_exp >> 1
-    up_1 = _pow2(up_lo)
-    up_2 = _pow2(code_exp - up_lo)
-    mag = tl.abs((x * down_1) * down_2)
+    if ONE_FACTOR:
+        bounded = tl.minimum(tl.maximum(code_exp, -126), 126)
+        down = _pow2(-bounded)
+        up = _pow2(bounded)
+        mag = tl.abs(x * down)
+    else:
+        # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
+        down_lo = (-code_exp) >> 1
+        down_1 = _pow2(down_lo)
+        down_2 = _pow2(-code_exp - down_lo)
+        up_lo = code_exp >> 1
+        up_1 = _pow2(up_lo)
+        up_2 = _pow2(code_exp - up_lo)
+        mag = tl.abs((x * down_1) * down_2)
     if IS_INT:
         rounded = (mag + 12582912.0) - 12582912.0  # RNE to an integer (mag < 2^22 here)
         limit = tl.where(sign_bit != 0, CODE_MAX_NEG, CODE_MAX_POS)
@@ -313,7 +325,10 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
         magic = (((elem_exp - ELEM_MAN_BITS + 150) << 23) | 0x400000).to(tl.float32, bitcast=True)
         rounded = tl.minimum((mag + magic) - magic, ELEM_MAX)
     signed = (rounded.to(tl.int32, bitcast=True) | sign_bit).to(tl.float32, bitcast=True)
-    out = (signed * up_1) * up_2
+    if ONE_FACTOR:
+        out = signed * up
+    else:
+        out = (signed * up_1) * up_2
     return tl.where(nonfinite, float("nan"), out)
 
 
