@@ -28,8 +28,9 @@ element grid (one quantum, in a small fraction of elements; the tests bound both
 Why one pass: the straightforward torch fake-quantization reads and writes the activation about
 ten times (abs, amax, log2, ceil, divide, round, clamp, multiply, cast); here each element is
 loaded once and stored once, so the plain kernel runs at close to copy bandwidth
-(scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 56-63 % of copy (issue-bound:
-~53 instructions per element, 22 of them butterfly adds); the MMA kernel 18-25 %, bound by
+(scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 59-68 % of copy for fp16, 47-60 %
+for bf16 (issue-bound: ~50 instructions per element, 22 of them butterfly adds); the MMA kernel
+18-26 %, bound by
 shared-memory layout traffic between its MMA stages (benchmarks/h100/ncu_rotated.md).
 """
 
