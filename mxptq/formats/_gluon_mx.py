@@ -2,9 +2,9 @@
 along rows of n = 2^L.
 
 `mxptq.formats.kernels` imports this module inside a try (no Triton, or a Triton without this
-Gluon API: the MMA kernel serves every rotation). Gluon is Triton's explicit-layout dialect: every tensor says which of its index bits
-live in a thread's registers, which across the 32 lanes of a warp and which across warps (a
-"linear layout", Zhou et al. 2025, arXiv:2505.23819). That is what a fast Walsh-Hadamard
+Gluon API: the MMA kernel serves every rotation). Gluon is Triton's explicit-layout dialect:
+every tensor says which of its index bits live in a thread's registers, which across the 32
+lanes of a warp and which across warps (a "linear layout", Zhou et al. 2025, arXiv:2505.23819). That is what a fast Walsh-Hadamard
 transform needs, and what plain Triton cannot express (there, the compiler moved the tile
 through shared memory between every butterfly level, or fed tensor cores with three bf16 pieces
 of the fp32 intermediate; benchmarks/h100/ncu_rotated.md).
@@ -19,7 +19,11 @@ holding the next run of bits in registers; `walsh_plan` chooses them. Between st
 Bit-exact against the reference, not just close: the levels run in the reference's order
 (b = 0, 1, ..., L-1), each in IEEE fp32 like torch's, the normalization is the same fp32 multiply
 by 1/sqrt(n), H x and Q(H x) are rounded to the activation dtype where the reference rounds
-them, and Q is `_triton_mx._fake_quantize_given_amax`, the plain kernel's exact MX math.
+them, and Q is `_triton_mx._fake_quantize_given_amax`, the plain kernel's exact MX math (with
+one power-of-two multiply each way for fp16, where that is exact).
+
+Cost (H100, n = 2048, fp16): ~50 SASS instructions per element, 22 of them the butterfly adds;
+the kernel is bound by instruction issue, not by memory (benchmarks/h100/bench_kernels.md).
 """
 
 from triton.experimental import gluon
@@ -28,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from mxptq.formats import _triton_mx as _mx
 
 LANE_BITS = 5  # 32 lanes per warp
-REGISTER_BITS = 6  # 64 fp32 values of the tile per thread: the largest count that did not spill
+REGISTER_BITS = 6  # 64 fp32 values of the tile per thread (128 registers at n = 2048, no spills)
 VECTOR_BITS = 3  # 8 consecutive elements per thread at load/store (16 bytes of fp16)
 MAX_STAGES = 4  # layouts per direction the kernel signature carries (L <= 15 needs at most 4)
 
@@ -108,7 +112,8 @@ def mx_walsh_rotated_kernel(
         q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
                                           SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                           CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
-                                          ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, IO == 1)
+                                          ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
+                                          IO == 1)  # fp16 values: one-factor scaling is exact
         x = _mx._round_through_io(gl.reshape(q, (M,)), IO)
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
         x = gl.convert_layout(x, IO_LAYOUT)
@@ -122,9 +127,10 @@ def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -
     A tile has T index bits: the row's log_n bits (0 = contiguous), then row bits. Each thread
     holds 2^register_bits values; a row shorter than a warp's share puts row bits in registers
     (so a thread still has that many values), a longer one spreads over warp bits; the remaining
-    warp bits take further rows. The IO layout keeps bits 0-2 in registers and 3-7 in lanes (coalesced
-    16-byte accesses) and the row's top bits in registers; a stage layout holds the next run of
-    unprocessed bits in registers, stopping where the IO layout's register bits resume."""
+    warp bits take further rows. The IO layout keeps bits 0-2 in registers and 3-7 in lanes
+    (coalesced 16-byte accesses) and the row's top bits in registers; a stage layout holds the
+    next run of unprocessed bits in registers, stopping where the IO layout's register bits
+    resume."""
     if not 8 <= log_n <= 15:
         raise ValueError(f"walsh_plan: log_n must be in [8, 15], got {log_n}")
     if not VECTOR_BITS <= register_bits <= 7:
