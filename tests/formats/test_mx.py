@@ -219,9 +219,8 @@ def test_contract_every_registered_element_format(elem):
 def test_missing_kernels_module_falls_back_silently(monkeypatch):
     import sys
 
-    from mxptq.formats import mx
-
     import mxptq.formats
+    from mxptq.formats import mx
 
     monkeypatch.setitem(sys.modules, "mxptq.formats.kernels", None)  # makes the import fail
     # An earlier import leaves the submodule as a package attribute, which `from ... import` prefers.
