@@ -282,7 +282,7 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
                               IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
                               CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
                               ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr,
-                              ONE_FACTOR: tl.constexpr = False):
+                              ONE_FACTOR: tl.constexpr = False, LEAN: tl.constexpr = False):
     """The block-NaN fake-quantization of `_fake_quantize_tile` for any tile shape: amax_bits
     holds each element's block amax bit pattern (|x| bits maximized over the block), in a shape
     that broadcasts against x with singleton block axes, so per-block work stays per block.
@@ -290,7 +290,12 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     ONE_FACTOR: x holds fp16 values (|x| in [2^-24, 65504] or 0, or non-finite). Then a nonzero
     block's |code_exp| stays below 64 for every format, so 2^-code_exp and 2^code_exp are each
     one normal fp32 power of two: one exact multiply each way instead of two. (An all-zero
-    block's exponent is clamped into range; it only ever multiplies zeros.)"""
+    block's exponent is clamped into range; it only ever multiplies zeros.)
+
+    LEAN: the same values with fewer instructions per element, for a caller that does not need
+    the NaN constant's bit pattern (the Walsh kernel): integer codes are clamped after the sign
+    is put back (two min/max instead of a per-element select), and a non-finite block turns NaN
+    through a NaN scale factor (the hardware's NaN, not the constant) instead of a select."""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
     nonfinite = amax_bits >= 0x7F800000
@@ -316,8 +321,9 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
         mag = tl.abs((x * down_1) * down_2)
     if IS_INT:
         rounded = (mag + 12582912.0) - 12582912.0  # RNE to an integer (mag < 2^22 here)
-        limit = tl.where(sign_bit != 0, CODE_MAX_NEG, CODE_MAX_POS)
-        rounded = tl.minimum(rounded, limit)
+        if not LEAN:  # (the lean path clamps the signed value below)
+            limit = tl.where(sign_bit != 0, CODE_MAX_NEG, CODE_MAX_POS)
+            rounded = tl.minimum(rounded, limit)
     else:
         biased = (mag.to(tl.int32, bitcast=True) >> 23) & 0xFF
         elem_exp = tl.maximum(biased - 127, ELEM_EMIN)
@@ -325,11 +331,23 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
         magic = (((elem_exp - ELEM_MAN_BITS + 150) << 23) | 0x400000).to(tl.float32, bitcast=True)
         rounded = tl.minimum((mag + magic) - magic, ELEM_MAX)
     signed = (rounded.to(tl.int32, bitcast=True) | sign_bit).to(tl.float32, bitcast=True)
-    if ONE_FACTOR:
-        out = signed * up
+    if LEAN:
+        if IS_INT:
+            # clamp to [-CODE_MAX_NEG, CODE_MAX_POS] after the sign: the same values (-0.0 stays
+            # -0.0: max(-0.0, -c) is -0.0)
+            signed = tl.minimum(tl.maximum(signed, -CODE_MAX_NEG), CODE_MAX_POS)
+        # a non-finite block's last factor is NaN, so all its elements become NaN (0 * NaN too)
+        if ONE_FACTOR:
+            out = signed * tl.where(nonfinite, float("nan"), up)
+        else:
+            out = (signed * up_1) * tl.where(nonfinite, float("nan"), up_2)
     else:
-        out = (signed * up_1) * up_2
-    return tl.where(nonfinite, float("nan"), out)
+        if ONE_FACTOR:
+            out = signed * up
+        else:
+            out = (signed * up_1) * up_2
+        out = tl.where(nonfinite, float("nan"), out)
+    return out
 
 
 @triton.jit

@@ -1,0 +1,74 @@
+"""SASS instruction counts of the Gluon Walsh-rotated kernel, compiled for sm_90 without a GPU.
+
+Usage (any machine with Triton >= 3.6 and its bundled ptxas / cuobjdump):
+
+    python scripts/count_sass_walsh.py [--log-n 11] [--warps 4] [--register-bits 6]
+                                       [--dtype fp16|bf16|fp32] [--format MXINT4|MXFP4|MXFP8]
+
+Prints the kernel's register count and its SASS instructions, total and per element of the
+tile each thread handles per loop iteration (the loop body dominates). The kernel is bound by
+instruction issue (benchmarks/h100/bench_kernels.md), so this count is the number to lower.
+A measurement aid, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, _gluon_mx, kernels
+
+FORMATS = {
+    "MXINT4": Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL),
+    "MXFP4": Format(ELEMENT_FORMATS["e2m1"], 32, ScaleRule.OCP),
+    "MXFP8": Format(ELEMENT_FORMATS["e4m3"], 32, ScaleRule.OCP),
+}
+IO = {"fp32": (0, "*fp32"), "fp16": (1, "*fp16"), "bf16": (3, "*bf16")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--log-n", type=int, default=11)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--register-bits", type=int, default=_gluon_mx.REGISTER_BITS)
+    ap.add_argument("--dtype", choices=sorted(IO), default="fp16")
+    ap.add_argument("--format", choices=sorted(FORMATS), default="MXINT4")
+    args = ap.parse_args()
+    plan = _gluon_mx.walsh_plan(args.log_n, args.warps, args.register_bits)
+    plan.pop("rows_per_tile")
+    io, pointer = IO[args.dtype]
+    constexprs = dict(plan, EVEN=True, IO=io, BLOCK=32, **kernels._format_entry(FORMATS[args.format]).constexprs)
+    signature = {"x_ptr": pointer, "y_ptr": pointer, "n_rows": "i32", "n_tiles": "i32", "scale": "fp32"}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = GluonASTSource(fn=_gluon_mx.mx_walsh_rotated_kernel, signature=signature, constexprs=constexprs,
+                            attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z][A-Z0-9._]*)", sass, re.MULTILINE))
+    total = sum(ops.values())
+    per_thread = 1 << args.register_bits
+    registers = re.search(r"REG:(\d+)", usage)
+    print(f"triton {triton.__version__}, sm_90, n = 2^{args.log_n}, {args.warps} warps, {per_thread} values/thread, "
+          f"{args.dtype} {args.format}: {registers.group(1) if registers else '?'} registers, {total} SASS "
+          f"instructions = {total / per_thread:.1f} per element")
+    print(", ".join(f"{op} {count}" for op, count in ops.most_common(16)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
