@@ -29,7 +29,7 @@ Why one pass: the straightforward torch fake-quantization reads and writes the a
 ten times (abs, amax, log2, ceil, divide, round, clamp, multiply, cast); here each element is
 loaded once and stored once, so the plain kernel runs at close to copy bandwidth
 (scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 59-68 % of copy for fp16, 47-60 %
-for bf16 (issue-bound: ~50 instructions per element, 22 of them butterfly adds); the MMA kernel
+for bf16 (issue-bound: 43-50 instructions per element, 22-26 of them butterfly adds); the MMA kernel
 18-26 %, bound by
 shared-memory layout traffic between its MMA stages (benchmarks/h100/ncu_rotated.md).
 """
