@@ -6,9 +6,9 @@ Usage (any machine with Triton >= 3.6 and its bundled ptxas / cuobjdump):
                                        [--dtype fp16|bf16|fp32] [--format MXINT4|MXFP4|MXFP8]
 
 Prints the kernel's register count and its SASS instructions, total and per element of the
-tile each thread handles per loop iteration (the loop body dominates). The kernel is bound by
-instruction issue (benchmarks/h100/bench_kernels.md), so this count is the number to lower.
-A measurement aid, not a test.
+tile each thread handles per loop iteration (the loop body dominates). On the H100 the kernel's
+time followed this count (benchmarks/walsh_sass.md, benchmarks/h100/walsh_prototype.md), so it
+is the number to lower. A measurement aid, not a test.
 """
 
 from __future__ import annotations

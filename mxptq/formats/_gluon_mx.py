@@ -23,9 +23,10 @@ them, and Q is `_triton_mx._fake_quantize_given_amax`, the plain kernel's exact 
 one power-of-two multiply each way for fp16, where that is exact, and its LEAN form: the same
 values in fewer instructions).
 
-Cost: 43-50 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 22-26 of them
-the butterfly adds; `scripts/count_sass_walsh.py`, benchmarks/walsh_sass.md). On the H100 the
-kernel is bound by instruction issue, not by memory (benchmarks/h100/bench_kernels.md).
+Cost: 43-50 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 2 log2 n of
+them the butterfly adds; `scripts/count_sass_walsh.py`, benchmarks/walsh_sass.md). On the H100
+the transform alone ran near copy speed and the quantizer's instructions set the time
+(benchmarks/h100/walsh_prototype.md, benchmarks/walsh_sass.md).
 """
 
 from triton.experimental import gluon

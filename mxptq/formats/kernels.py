@@ -28,10 +28,10 @@ element grid (one quantum, in a small fraction of elements; the tests bound both
 Why one pass: the straightforward torch fake-quantization reads and writes the activation about
 ten times (abs, amax, log2, ceil, divide, round, clamp, multiply, cast); here each element is
 loaded once and stored once, so the plain kernel runs at close to copy bandwidth
-(scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 59-68 % of copy for fp16, 47-60 %
-for bf16 (issue-bound: 43-50 instructions per element, 22-26 of them butterfly adds); the MMA kernel
-18-26 %, bound by
-shared-memory layout traffic between its MMA stages (benchmarks/h100/ncu_rotated.md).
+(scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 58-68 % of copy for fp16, 47-60 %
+for bf16 (43-50 instructions per element, 2 log2 n = 22-26 of them butterfly adds, and time
+followed the count: benchmarks/walsh_sass.md, benchmarks/h100/walsh_prototype.md); the MMA kernel 18-26 %, bound by shared-memory layout
+traffic between its MMA stages (benchmarks/h100/ncu_rotated.md).
 """
 
 from __future__ import annotations
