@@ -12,6 +12,12 @@ Independent expectations:
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,6 +89,30 @@ def test_only_walsh_rotations_of_covered_lengths_qualify() -> None:
     assert not kernels._is_walsh(hadamard.get_rotation(1536))  # H_12 kron H_128
     assert not kernels._is_walsh(hadamard.get_rotation(96, block_size=32))  # block-diagonal
     assert not kernels._is_walsh(hadamard.KeyAxisRotation(32))
+
+
+def test_walsh_kernel_compiles_for_sm90_with_only_the_plans_layout_conversions() -> None:
+    """The installed Triton compiles the kernel for an H100 (sm_90; no GPU needed) for every
+    length the dispatch may send it: the Gluon API it uses exists here. The compiler must add no
+    layout conversion of its own (each is a trip through shared memory), and the settings the
+    sweep measured (2^11..2^13) must not spill registers. Compiled in a child process: Triton's
+    CPU interpreter, which other kernel tests switch on, cannot compile for a GPU."""
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not ((tools / "ptxas").exists() and (tools / "cuobjdump").exists()):
+        pytest.skip(f"this Triton install has no sm_90 toolchain in {tools}")
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(repo))
+    run = subprocess.run([sys.executable, str(repo / "scripts" / "count_sass_walsh.py"), "--check-all"],
+                         check=False, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cases = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(cases) == 10
+    for case in cases:
+        assert case["conversions"] <= case["plan_conversions"], case
+        if 11 <= case["log_n"] <= 13:
+            assert case["local_bytes"] == 0, f"register spills: {case}"
 
 
 FORMATS = [
