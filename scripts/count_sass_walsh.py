@@ -24,16 +24,12 @@ import sys
 import tempfile
 
 import triton
+from bench_kernels import FORMATS  # the benchmark's formats (this script's folder is on sys.path)
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, _gluon_mx, kernels
+from mxptq.formats import _gluon_mx, kernels
 
-FORMATS = {
-    "MXINT4": Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL),
-    "MXFP4": Format(ELEMENT_FORMATS["e2m1"], 32, ScaleRule.OCP),
-    "MXFP8": Format(ELEMENT_FORMATS["e4m3"], 32, ScaleRule.OCP),
-}
 IO = {"fp32": (0, "*fp32"), "fp16": (1, "*fp16"), "bf16": (3, "*bf16")}
 
 

@@ -4,10 +4,10 @@ along rows of n = 2^L.
 `mxptq.formats.kernels` imports this module inside a try (no Triton, or a Triton without this
 Gluon API: the MMA kernel serves every rotation). Gluon is Triton's explicit-layout dialect:
 every tensor says which of its index bits live in a thread's registers, which across the 32
-lanes of a warp and which across warps (a "linear layout", Zhou et al. 2025, arXiv:2505.23819). That is what a fast Walsh-Hadamard
-transform needs, and what plain Triton cannot express (there, the compiler moved the tile
-through shared memory between every butterfly level, or fed tensor cores with three bf16 pieces
-of the fp32 intermediate; benchmarks/h100/ncu_rotated.md).
+lanes of a warp and which across warps (a "linear layout", Zhou et al. 2025, arXiv:2505.23819).
+That is what a fast Walsh-Hadamard transform needs, and what plain Triton cannot express (there,
+the compiler moved the tile through shared memory between every butterfly level, or fed tensor
+cores with three bf16 pieces of the fp32 intermediate; benchmarks/h100/ncu_rotated.md).
 
 The transform, read against `mxptq.nn.hadamard.fwht`: a row of n = 2^L elements is indexed by
 L bits; butterfly level h = 2^b pairs the elements whose index differs only in bit b and

@@ -18,8 +18,8 @@ so the result is bit-exact (see that module). Every other +-1 Kronecker rotation
 (R = s (A kron B), e.g. H_12 kron H_128) runs the MMA kernel, in two MMA stages per direction
 on the tensor cores: the +-1 Hadamard factors and 16-bit activations (and the quantized values)
 are exact MMA inputs, the fp32 intermediate between the stages is split into three bf16 pieces
-(all 24 significand bits), and the normalization is one fp32 multiply. Like the reference path (Rotation.forward and quantize
-keep the activation dtype), R x and Q(R x) are rounded to the activation dtype in registers.
+(all 24 significand bits), and the normalization is one fp32 multiply. Like the reference path
+(Rotation.forward and quantize keep the activation dtype), R x and Q(R x) are rounded to the activation dtype in registers.
 So R x agrees with the reference's R x to about fp32 rounding (relative error ~1e-6) before
 that cast, Q is the reference's exact math, and the result can differ
 from the reference only where R x sits within that rounding of a rounding boundary of the
@@ -30,8 +30,9 @@ ten times (abs, amax, log2, ceil, divide, round, clamp, multiply, cast); here ea
 loaded once and stored once, so the plain kernel runs at close to copy bandwidth
 (scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 58-68 % of copy for fp16, 47-60 %
 for bf16 (43-50 instructions per element, 2 log2 n = 22-26 of them butterfly adds, and time
-followed the count: benchmarks/walsh_sass.md, benchmarks/h100/walsh_prototype.md); the MMA kernel 18-26 %, bound by shared-memory layout
-traffic between its MMA stages (benchmarks/h100/ncu_rotated.md).
+followed the count: benchmarks/walsh_sass.md, benchmarks/h100/walsh_prototype.md); the MMA
+kernel 18-26 %, bound by shared-memory layout traffic between its MMA stages
+(benchmarks/h100/ncu_rotated.md).
 """
 
 from __future__ import annotations
@@ -527,27 +528,41 @@ def _cached_plan(rotation, device) -> _RotationPlan | None:
     return _build_rotation_plan(rotation, device)
 
 
-class _PlanEntry:
-    __slots__ = ("plan", "rotation")
+_NOT_BUILT = object()
 
-    def __init__(self, rotation, plan) -> None:
+
+class _PlanEntry:
+    """Per (rotation object, device): whether the Gluon Walsh kernel applies (decided once), and
+    the MMA kernel's plan, built on first use (a Walsh rotation needs it only as the fallback)."""
+
+    __slots__ = ("_plan", "device", "rotation", "walsh")
+
+    def __init__(self, rotation, device: torch.device) -> None:
         self.rotation = rotation
-        self.plan = plan
+        self.device = device
+        self.walsh = HAVE_GLUON and _is_walsh(rotation)
+        self._plan = _NOT_BUILT
+
+    @property
+    def plan(self) -> _RotationPlan | None:
+        if self._plan is _NOT_BUILT:
+            try:
+                self._plan = _cached_plan(self.rotation, self.device)
+            except TypeError:  # unhashable rotation object
+                self._plan = _build_rotation_plan(self.rotation, self.device)
+        return self._plan
 
 
 _PLAN_ENTRIES: dict[tuple, _PlanEntry] = {}
 
 
 def _plan_entry(rotation, device: torch.device) -> _PlanEntry:
-    """The rotation plan for (rotation object, device), found by id like `_format_entry`."""
+    """The rotation's entry for (rotation object, device), found by id like `_format_entry`
+    (hashing a rotation on every call would cost more than the lookup)."""
     key = (id(rotation), device)
     entry = _PLAN_ENTRIES.get(key)
     if entry is None or entry.rotation is not rotation:
-        try:
-            plan = _cached_plan(rotation, device)
-        except TypeError:  # unhashable rotation object
-            plan = _build_rotation_plan(rotation, device)
-        entry = _PlanEntry(rotation, plan)
+        entry = _PlanEntry(rotation, device)
         if len(_PLAN_ENTRIES) > 256:
             _PLAN_ENTRIES.clear()
         _PLAN_ENTRIES[key] = entry
@@ -560,7 +575,6 @@ def clear_caches() -> None:
     builder or the tuning constants)."""
     _cached_plan.cache_clear()
     _walsh_plan.cache_clear()
-    _verified_walsh.cache_clear()
     _PLAN_ENTRIES.clear()
     _FORMAT_ENTRIES.clear()
 
@@ -598,42 +612,24 @@ USE_WALSH_KERNEL = True
 GLUON_FAILURES: dict[tuple, str] = {}
 
 
-def _sylvester_rows(rows: torch.Tensor) -> torch.Tensor:
-    """rows @ H_n / sqrt(n), H_n the Sylvester Hadamard matrix, in float64 (our own check)."""
-    n = rows.shape[-1]
-    out = rows.clone()
-    h = 1
-    while h < n:
-        view = out.view(-1, n // (2 * h), 2, h)
-        view[:] = torch.stack((view[:, :, 0] + view[:, :, 1], view[:, :, 0] - view[:, :, 1]), dim=2)
-        h *= 2
-    return out / math.sqrt(n)
-
-
-@functools.lru_cache(maxsize=64)
-def _verified_walsh(rotation) -> bool:
-    """rotation.forward and .inverse both equal the normalized Sylvester transform on probes."""
-    probes = torch.randn(2, rotation.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    expected = _sylvester_rows(probes)
-    return all(
-        float((_apply_rotation(rotation, which, probes) - expected).abs().max()) <= 1e-9 * float(expected.abs().max())
-        for which in ("forward", "inverse")
-    )
-
-
 def _is_walsh(rotation) -> bool:
     """The rotation is the normalized Sylvester Walsh-Hadamard transform (mxptq.nn.hadamard's
-    "walsh" kind: forward == inverse == fwht / sqrt(n)) on a row length the Gluon kernel takes;
-    the name is checked first, then the map itself on probe vectors (once per rotation)."""
+    "walsh" kind: forward == inverse == fwht / sqrt(n)) on a row length the Gluon kernel takes:
+    the name is checked first, then the map itself on probe vectors against `fwht`, the
+    transform the kernel reproduces. `_plan_entry` asks once per rotation object."""
+    from mxptq.nn.hadamard import fwht  # here: mxptq.nn imports mxptq.formats
+
     n = getattr(rotation, "n", None)
     if getattr(rotation, "kind", None) != "walsh" or not isinstance(n, int) or n < 1 or n & (n - 1):
         return False
     if not WALSH_LOG_N_RANGE[0] <= n.bit_length() - 1 <= WALSH_LOG_N_RANGE[1]:
         return False
-    try:
-        return _verified_walsh(rotation)
-    except TypeError:  # unhashable rotation object: check every time
-        return _verified_walsh.__wrapped__(rotation)
+    probes = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = fwht(probes)
+    return all(
+        float((_apply_rotation(rotation, which, probes) - expected).abs().max()) <= 1e-9 * float(expected.abs().max())
+        for which in ("forward", "inverse")
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -662,7 +658,8 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     key = ("walsh", n, x.dtype, x.device, num_warps, register_bits, even)
     config = entry.configs.get(key)
     if config is None:
-        io = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 3}[x.dtype]
+        # compiled GPU code only: bf16 loads and stores as bf16 (see _triton_mx.IO_BF16_NATIVE)
+        io = _triton_mx.IO_BF16_NATIVE if x.dtype == torch.bfloat16 else _IO_CODES[x.dtype]
         config = entry.configs[key] = _LaunchConfig(
             _gluon_mx.mx_walsh_rotated_kernel, 5,
             dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs), num_warps)
@@ -699,11 +696,11 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
     entry = _format_entry(fmt)
     if entry.spec is None:
         return None
-    if USE_WALSH_KERNEL and HAVE_GLUON and _is_walsh(rotation):
+    plan_entry = _plan_entry(rotation, x.device)
+    if USE_WALSH_KERNEL and plan_entry.walsh:
         y = _walsh_rotated(x, entry, fmt, rotation)
         if y is not None:
             return y
-    plan_entry = _plan_entry(rotation, x.device)
     plan = plan_entry.plan
     if plan is None:
         return None

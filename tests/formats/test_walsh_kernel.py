@@ -60,6 +60,27 @@ def test_walsh_plan_runs_every_level_in_registers_in_reference_order(log_n, num_
     assert levels == list(range(log_n)), "levels out of the reference's order"
 
 
+def test_dispatch_sends_walsh_rotations_to_the_gluon_kernel_and_others_to_the_mma_kernel(monkeypatch) -> None:
+    """Routing only: a stand-in for the Gluon kernel records its calls and declines (None), after
+    which the MMA kernel serves the call (on CUDA, or in Triton's interpreter on CPU)."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    calls = []
+    monkeypatch.setattr(kernels, "_walsh_rotated", lambda x, entry, fmt, rotation: calls.append(rotation.n))
+    monkeypatch.setattr(kernels, "HAVE_GLUON", True)
+    kernels.clear_caches()
+    try:
+        fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)
+        for n in (256, 96, 256):  # Walsh, block-diagonal, the Walsh one again (cached decision)
+            x = torch.randn(16, n, generator=torch.Generator().manual_seed(n)).to(device)
+            assert kernels.rotated_fake_quantize(x, fmt, hadamard.get_rotation(n, block_size=32)) is not None
+        assert calls == [256, 256]
+        monkeypatch.setattr(kernels, "USE_WALSH_KERNEL", False)
+        kernels.rotated_fake_quantize(torch.randn(16, 256, device=device), fmt, hadamard.get_rotation(256))
+        assert calls == [256, 256], "switched off, the Gluon kernel must not be asked"
+    finally:
+        kernels.clear_caches()
+
+
 def test_walsh_plan_rejects_what_it_cannot_lay_out() -> None:
     with pytest.raises(ValueError, match="log_n"):
         gluon_mx.walsh_plan(7, 4)
