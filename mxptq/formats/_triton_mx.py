@@ -275,6 +275,52 @@ def _fake_quantize_tile(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
 
 
 @triton.jit
+def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
+                            CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr,
+                            ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
+                            ELEM_MAX: tl.constexpr):
+    """`_fake_quantize_given_amax` for fp16 values (ONE_FACTOR) in its fewest instructions:
+    round x straight onto the block's grid, never dividing by the scale 2^code_exp.
+
+    The reference computes sign(x) * clamp(RNE(|x| / 2^c)) * 2^c. With |x| in fp16's range,
+    |c| < 64, so both scalings are exact and the same value is
+        t = clamp(x, -max * 2^c, max * 2^c)        (the bounds are on the grid: clamping
+                                                    before or after rounding agrees)
+        r = (t + magic) - magic,  magic = 1.5 * 2^(q + 23)
+    which rounds t half to even at the quantum 2^q (module docstring; RNE is odd-symmetric, so
+    the signed t needs no magnitude/sign split), and the sign is copied back only so that a
+    value rounding to zero keeps its sign (-0.0, as the reference gives). Integer elements:
+    q = c. Minifloat elements: q = max(e_t, emin + c) - man_bits with e_t the exponent of t, so
+    the magic number's bits are max(t's exponent field, floor) + constant.
+
+    Per element that is two min/max, two adds and one bit operation (integers), plus three
+    integer operations for the minifloat exponent; the scaling multiplies are gone. A
+    non-finite block gets a NaN magic number (minifloats: bounds 0, so that t's exponent never
+    beats the NaN-making floor), so every element of it becomes NaN."""
+    sign_bit = bits & (-2147483648)
+    bounded = tl.minimum(tl.maximum(code_exp, -100), 100)  # only an all-zero block's c is outside
+    unit = _pow2(bounded)
+    if IS_INT:
+        low = unit * (-CODE_MAX_NEG)
+        high = unit * CODE_MAX_POS
+    else:
+        low = tl.where(nonfinite, 0.0, unit * (-ELEM_MAX))
+        high = tl.where(nonfinite, 0.0, unit * ELEM_MAX)
+    t = tl.minimum(tl.maximum(x, low), high)
+    if IS_INT:
+        magic = tl.where(nonfinite, float("nan"), _pow2(bounded + 23) * 1.5)
+    else:
+        # magic bits = max(exponent field of t, floor) + ((23 - man_bits) << 23 | 1 << 22);
+        # for a non-finite block the floor is chosen so that the sum is the NaN 0x7FC00000.
+        step: tl.constexpr = ((23 - ELEM_MAN_BITS) << 23) | 0x400000
+        floor = tl.where(nonfinite, 0x7FC00000 - step, (bounded + (ELEM_EMIN + 127)) << 23)
+        field = t.to(tl.int32, bitcast=True) & 0x7F800000
+        magic = (tl.maximum(field, floor) + step).to(tl.float32, bitcast=True)
+    r = (t + magic) - magic
+    return (r.to(tl.int32, bitcast=True) | sign_bit).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
                               QMAX_SIGNIFICAND: tl.constexpr, SHARED_OFFSET: tl.constexpr,
                               SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr,
@@ -295,7 +341,9 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     LEAN: the same values with fewer instructions per element, for a caller that does not need
     the NaN constant's bit pattern (the Walsh kernel): integer codes are clamped after the sign
     is put back (two min/max instead of a per-element select), and a non-finite block turns NaN
-    through a NaN scale factor (the hardware's NaN, not the constant) instead of a select."""
+    through a NaN scale factor (the hardware's NaN, not the constant) instead of a select.
+
+    ONE_FACTOR and LEAN together: x is never scaled at all (`_round_at_block_quantum`)."""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
     nonfinite = amax_bits >= 0x7F800000
@@ -305,6 +353,9 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     shared_exp = tl.minimum(tl.maximum(block_exp + SHARED_OFFSET, SHARED_MIN), SHARED_MAX)
     shared_exp = tl.where(is_zero, ZERO_SHARED, shared_exp)
     code_exp = shared_exp + CODE_SHIFT
+    if ONE_FACTOR and LEAN:
+        return _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT, CODE_MAX_POS,
+                                       CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX)
     if ONE_FACTOR:
         bounded = tl.minimum(tl.maximum(code_exp, -126), 126)
         down = _pow2(-bounded)

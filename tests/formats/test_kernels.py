@@ -361,3 +361,67 @@ def test_repeated_calls_stay_exact(dtype) -> None:
     for rows in (3, 64, 3, 65, 64):
         x = (torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
         _assert_same(kernels.fake_quantize_last_axis(x.to(DEVICE), fmt).cpu(), quantize_reference(x, fmt), "rep")
+
+
+# ---------------------------------------------------------------- the Walsh kernel's MX math
+# The Gluon Walsh kernel (fp16 activations) quantizes with `_fake_quantize_given_amax` in its
+# ONE_FACTOR + LEAN form (`_round_at_block_quantum`: rounding at the block's quantum without
+# scaling). Gluon has no CPU interpreter, so that math is checked here on its own, through a
+# plain Triton kernel that Triton's interpreter runs, against the reference on fp16 values.
+if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
+    import triton
+    import triton.language as tl
+
+    from mxptq.formats import _triton_mx
+
+    @triton.jit
+    def _given_amax_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr, GROUP: tl.constexpr, ONE_FACTOR: tl.constexpr,
+                           LEAN: tl.constexpr, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
+                           QMAX_SIGNIFICAND: tl.constexpr, SHARED_OFFSET: tl.constexpr,
+                           SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr, ZERO_SHARED: tl.constexpr,
+                           CODE_SHIFT: tl.constexpr, IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
+                           CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
+                           ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr):
+        offsets = tl.arange(0, GROUP)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        x = tl.load(x_ptr + offsets)
+        # the Walsh kernel's block amax: a float max of |x| (all of a block is finite or none is)
+        amax_bits = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True)[:, None]
+        y = _triton_mx._fake_quantize_given_amax(x, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
+                                                 SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
+                                                 CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
+                                                 ONE_FACTOR=ONE_FACTOR, LEAN=LEAN)
+        tl.store(y_ptr + offsets, y)
+
+
+def _fp16_blocks(block: int) -> torch.Tensor:
+    """fp16 values as fp32 blocks (what the Walsh kernel quantizes): every scale from subnormal
+    to 65504, exact grid ties, negative zeros and values that round to -0.0, random bit patterns,
+    an all-zero block and one NaN and one Inf block (a non-finite block is all non-finite there)."""
+    rows = _hard_rows(8 * block, torch.float16, seed=5).float().reshape(-1, block)
+    rows = rows[~(rows.isinf().any(1) | rows.isnan().any(1))]
+    gen = torch.Generator().manual_seed(7)
+    patterns = torch.randint(0, 0x7C00, (64, block), generator=gen, dtype=torch.int32)
+    patterns |= torch.randint(0, 2, (64, block), generator=gen, dtype=torch.int32) << 15
+    random = patterns.to(torch.int16).view(torch.float16).float()
+    small = torch.full((1, block), -0.25)
+    small[0, 0] = 1024.0  # the rest rounds to -0.0
+    nonfinite = torch.stack([torch.full((block,), float("nan")), torch.full((block,), float("-inf"))])
+    nonfinite[1, ::2] = float("inf")
+    blocks = torch.cat([rows, random, small, torch.zeros(1, block), nonfinite])
+    pad = (-blocks.shape[0]) % 8
+    return torch.cat([blocks, torch.zeros(pad, block)]).contiguous()
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
+@pytest.mark.parametrize("lean", [False, True], ids=["scaled", "lean"])
+def test_walsh_kernels_fp16_quantizer_equals_the_reference_bit_for_bit(fmt: Format, lean: bool) -> None:
+    x = _fp16_blocks(32).to(DEVICE)
+    spec = kernels._format_entry(fmt).constexprs
+    y = torch.empty_like(x)
+    for start in range(0, x.shape[0], 8):
+        _given_amax_kernel[(1,)](x[start:start + 8], y[start:start + 8], BLOCK=32, GROUP=8, ONE_FACTOR=True,
+                                 LEAN=lean, **spec)
+    ref = quantize_reference(x, fmt)
+    _assert_same(y, ref, f"{_ids(fmt)} lean={lean}")
+    same_sign = torch.signbit(y) == torch.signbit(ref)
+    assert bool((same_sign | ref.isnan()).all()), "a zero's sign differs from the reference"
