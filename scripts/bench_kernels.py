@@ -139,12 +139,14 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
 
 
 def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
-    """The Gluon Walsh kernel's (warps, log2 values per thread, programs per SM) settings."""
+    """The Gluon Walsh kernel's (warps, log2 values per thread, programs per SM, register cap)
+    settings (a cap of 0: ptxas's choice; a lower cap lets more programs share an SM)."""
     log_n = n.bit_length() - 1
     default = kernels.WALSH_CONFIGS.get(log_n)
-    for warps, bits, per_sm in ((4, 6, 4), (4, 6, 8), (8, 6, 2), (8, 6, 4), (4, 5, 8), (8, 5, 4), (8, 5, 2),
-                                (16, 5, 2)):
-        kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm)
+    for warps, bits, per_sm, cap in ((4, 6, 4, 0), (4, 6, 8, 0), (4, 6, 5, 96), (4, 6, 6, 80), (4, 6, 8, 80),
+                                     (4, 6, 7, 72), (8, 6, 4, 0), (8, 6, 3, 80), (4, 5, 8, 0), (8, 5, 4, 0),
+                                     (8, 5, 2, 0), (16, 5, 2, 0)):
+        kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm, cap)
         kernels.clear_caches()
         try:
             t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
@@ -153,10 +155,10 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
         except Exception as exc:  # noqa: BLE001 - e.g. a row that does not fit the warps: record it
             kernels.GLUON_FAILURES.clear()
             print(f"| {n} | {dtype_name} | {fmt_name} | walsh warps={warps} values/thread={1 << bits} "
-                  f"programs/SM={per_sm} | failed: {type(exc).__name__} | |", flush=True)
+                  f"programs/SM={per_sm} registers<={cap or '-'} | failed: {type(exc).__name__} | |", flush=True)
             continue
         print(f"| {n} | {dtype_name} | {fmt_name} | walsh warps={warps} values/thread={1 << bits} "
-              f"programs/SM={per_sm} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
+              f"programs/SM={per_sm} registers<={cap or '-'} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
     if default is None:
         kernels.WALSH_CONFIGS.pop(log_n, None)
     else:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from bench_kernels import FORMATS  # the benchmark's formats (this script's folder is on sys.path)
 from triton.backends.compiler import GPUTarget
@@ -30,21 +31,22 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from mxptq.formats import _gluon_mx, kernels
 
-IO = {"fp32": (0, "*fp32"), "fp16": (1, "*fp16"), "bf16": (3, "*bf16")}
+POINTERS = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_sm90(log_n: int, warps: int, register_bits: int, dtype: str = "fp16", fmt: str = "MXINT4",
-                 even: bool = True):
+                 even: bool = True, max_registers: int = 0):
     """Compile the kernel for sm_90 here (no GPU): (CompiledKernel, SASS text, resource usage text)."""
     plan = _gluon_mx.walsh_plan(log_n, warps, register_bits)
     plan.pop("rows_per_tile")
-    io, pointer = IO[dtype]
-    constexprs = dict(plan, EVEN=even, IO=io, BLOCK=32, **kernels._format_entry(FORMATS[fmt]).constexprs)
+    pointer = POINTERS[dtype]
+    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]))
     signature = {"x_ptr": pointer, "y_ptr": pointer, "n_rows": "i32", "n_tiles": "i32", "scale": "fp32"}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = GluonASTSource(fn=_gluon_mx.mx_walsh_rotated_kernel, signature=signature, constexprs=constexprs,
                             attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **({"maxnreg": max_registers} if max_registers else {})})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -64,9 +66,9 @@ def check_all() -> int:
     length: layout conversions in the compiled IR against the plan's own, spills, registers,
     instructions per element (tests/formats/test_walsh_kernel.py reads these)."""
     for log_n, dtype, even in CHECK_CASES:
-        warps, register_bits, _ = kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)
+        warps, register_bits, _, max_registers = kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)
         plan = _gluon_mx.walsh_plan(log_n, warps, register_bits)
-        compiled, sass, usage = compile_sm90(log_n, warps, register_bits, dtype, "MXINT4", even)
+        compiled, sass, usage = compile_sm90(log_n, warps, register_bits, dtype, "MXINT4", even, max_registers)
         local = re.search(r"LOCAL:(\d+)", usage)
         registers = re.search(r"REG:(\d+)", usage)
         instructions = len(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+[A-Z]", sass, re.MULTILINE))
@@ -87,12 +89,14 @@ def main() -> int:
     ap.add_argument("--log-n", type=int, default=11)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--register-bits", type=int, default=_gluon_mx.REGISTER_BITS)
-    ap.add_argument("--dtype", choices=sorted(IO), default="fp16")
+    ap.add_argument("--max-registers", type=int, default=0, help="ptxas register cap (maxnreg); 0 = its choice")
+    ap.add_argument("--dtype", choices=sorted(POINTERS), default="fp16")
     ap.add_argument("--format", choices=sorted(FORMATS), default="MXINT4")
     args = ap.parse_args()
     if args.check_all:
         return check_all()
-    _compiled, sass, usage = compile_sm90(args.log_n, args.warps, args.register_bits, args.dtype, args.format)
+    _compiled, sass, usage = compile_sm90(args.log_n, args.warps, args.register_bits, args.dtype, args.format,
+                                          max_registers=args.max_registers)
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z][A-Z0-9._]*)", sass, re.MULTILINE))
     total = sum(ops.values())
     per_thread = 1 << args.register_bits

@@ -88,6 +88,7 @@ def mx_walsh_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
+    DIRECT: gl.constexpr, DIRECT_LO: gl.constexpr, DIRECT_HI: gl.constexpr,
 ):
     """y = H^T Q(H x) for every row of a row-major [n_rows, 2^LOG_N] tensor, H = H_2^L / sqrt(n)
     (Sylvester order, symmetric: the inverse is the same transform), one read and one write.
@@ -116,13 +117,29 @@ def mx_walsh_rotated_kernel(
         # non-finite amax; the kernel's NaN policy follows from it as in the plain kernel.
         amax = gl.max(gl.abs(blocks), axis=1)
         amax_bits = gl.expand_dims(amax.to(gl.int32, bitcast=True), 1)
-        q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
-                                          SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
-                                          CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
-                                          ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                          ONE_FACTOR=IO == 1,  # fp16 values: exact
-                                          LEAN=True)
-        x = _mx._round_through_io(gl.reshape(q, (M,)), IO)
+        # Fast tile: every block's amax lies in [DIRECT_LO, DIRECT_HI) (or is 0), so Q can round
+        # straight at the block quantum and its output is already a value of the activation
+        # dtype (kernels._direct_range). One flag per tile keeps the branch uniform; a tile with
+        # a tiny, huge or non-finite block takes the general path.
+        fast = False
+        if DIRECT:
+            outside = ((amax < DIRECT_LO) & (amax != 0.0)) | ~(amax < DIRECT_HI)
+            fast = gl.max(outside.to(gl.int32), axis=0) == 0
+        if fast:
+            q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
+                                              SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
+                                              CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
+                                              ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
+                                              ONE_FACTOR=True, LEAN=True)
+            x = gl.reshape(q, (M,))
+        else:
+            q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
+                                              SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
+                                              CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
+                                              ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
+                                              ONE_FACTOR=IO == 1,  # fp16 values: exact
+                                              LEAN=True)
+            x = _mx._round_through_io(gl.reshape(q, (M,)), IO)
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
         x = gl.convert_layout(x, IO_LAYOUT)
         _mx._store_f32_fast(y_ptr + base + local, x * scale, mask, IO)

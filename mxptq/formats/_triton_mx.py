@@ -279,11 +279,13 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
                             CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr,
                             ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
                             ELEM_MAX: tl.constexpr):
-    """`_fake_quantize_given_amax` for fp16 values (ONE_FACTOR) in its fewest instructions:
-    round x straight onto the block's grid, never dividing by the scale 2^code_exp.
+    """`_fake_quantize_given_amax` in its fewest instructions: round x straight onto the block's
+    grid, never dividing by the scale 2^code_exp. Valid where every block's code exponent c lies
+    in [-126 - min(emin, 0), 88]: always for fp16 values (|c| < 64), for bf16 or fp32 values
+    where the caller checked the block amax (kernels._direct_range).
 
-    The reference computes sign(x) * clamp(RNE(|x| / 2^c)) * 2^c. With |x| in fp16's range,
-    |c| < 64, so both scalings are exact and the same value is
+    The reference computes sign(x) * clamp(RNE(|x| / 2^c)) * 2^c. In that range both scalings
+    are exact, 2^c and the magic numbers below are normal fp32 numbers, and the same value is
         t = clamp(x, -max * 2^c, max * 2^c)        (the bounds are on the grid: clamping
                                                     before or after rounding agrees)
         r = (t + magic) - magic,  magic = 1.5 * 2^(q + 23)
@@ -298,7 +300,7 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     non-finite block gets a NaN magic number (minifloats: bounds 0, so that t's exponent never
     beats the NaN-making floor), so every element of it becomes NaN."""
     sign_bit = bits & (-2147483648)
-    bounded = tl.minimum(tl.maximum(code_exp, -100), 100)  # only an all-zero block's c is outside
+    bounded = tl.minimum(tl.maximum(code_exp, -126), 100)  # only an all-zero block's c is outside
     unit = _pow2(bounded)
     if IS_INT:
         low = unit * (-CODE_MAX_NEG)
@@ -343,7 +345,8 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     is put back (two min/max instead of a per-element select), and a non-finite block turns NaN
     through a NaN scale factor (the hardware's NaN, not the constant) instead of a select.
 
-    ONE_FACTOR and LEAN together: x is never scaled at all (`_round_at_block_quantum`)."""
+    ONE_FACTOR and LEAN together: x is never scaled at all (`_round_at_block_quantum`, whose
+    range condition the caller guarantees: fp16 values, or bf16 blocks it checked)."""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
     nonfinite = amax_bits >= 0x7F800000

@@ -211,12 +211,13 @@ class _LaunchConfig:
     values in the kernel's parameter order (the compiled launcher takes every parameter, as
     `JITFunction.run` passes them). Built once per (format, dtype, layout); compared by identity."""
 
-    __slots__ = ("compiled", "constexprs", "kernel", "num_warps", "tail")
+    __slots__ = ("compiled", "constexprs", "kernel", "num_warps", "options", "tail")
 
-    def __init__(self, kernel, n_runtime: int, constexprs: dict, num_warps: int) -> None:
+    def __init__(self, kernel, n_runtime: int, constexprs: dict, num_warps: int, options: dict | None = None) -> None:
         self.kernel = kernel
         self.constexprs = constexprs
         self.num_warps = num_warps
+        self.options = options or {}  # further compile options (e.g. maxnreg), fixed per config
         names = list(getattr(kernel, "arg_names", ()))
         tail = names[n_runtime:]
         # None = the parameter list is not what we expect: always use the generic launch.
@@ -252,11 +253,11 @@ def _launch(config: _LaunchConfig, grid: tuple, args: tuple) -> None:
             except (TypeError, AttributeError):  # pragma: no cover - a Triton without this API
                 # The launcher parses its arguments before launching: nothing ran.
                 FAST_LAUNCH = False
-        result = config.kernel[grid](*args, num_warps=config.num_warps, **config.constexprs)
+        result = config.kernel[grid](*args, num_warps=config.num_warps, **config.options, **config.constexprs)
         if result is not None and hasattr(result, "__getitem__") and hasattr(result, "function"):
             config.compiled[key] = result  # a CompiledKernel (the interpreter returns none)
         return
-    config.kernel[grid](*args, num_warps=config.num_warps, **config.constexprs)
+    config.kernel[grid](*args, num_warps=config.num_warps, **config.options, **config.constexprs)
 
 
 class _FormatEntry:
@@ -601,8 +602,8 @@ def _sm_count(device: torch.device) -> int:
 # log2 of the row length, from the sweep on an H100 (benchmarks/h100/walsh_sweep.md): rows up to
 # 2^12 run 64 values per thread on 4 warps, 2^13 32 values on 8 warps. 2^14 and 2^15 (not
 # measured) take 64 values per thread on as many warps as one row needs.
-WALSH_CONFIGS = {13: (8, 5, 4), 14: (8, 6, 4), 15: (16, 6, 2)}
-WALSH_DEFAULT_CONFIG = (4, 6, 8)
+WALSH_CONFIGS = {13: (8, 5, 4, 0), 14: (8, 6, 4, 0), 15: (16, 6, 2, 0)}
+WALSH_DEFAULT_CONFIG = (4, 6, 8, 0)
 WALSH_LOG_N_RANGE = (8, 15)
 # Tests switch this off to run the MMA kernel on Walsh sizes too.
 USE_WALSH_KERNEL = True
@@ -640,6 +641,43 @@ def _walsh_plan(log_n: int, num_warps: int, register_bits: int) -> tuple[dict, i
     return plan, rows_per_tile
 
 
+def _direct_range(spec: _KernelSpec, dtype: torch.dtype) -> tuple[bool, float, float]:
+    """(DIRECT, DIRECT_LO, DIRECT_HI) of the Walsh kernel: a tile whose blocks all have amax in
+    [lo, hi) (or 0) is quantized by `_triton_mx._round_at_block_quantum` and its output needs
+    no rounding to the activation dtype; other tiles take the general path.
+
+    With code exponent c = block_exp + shared_offset + code_shift and floor(log2 amax) - ql <=
+    block_exp <= floor(log2 amax) + 1 (ql = floor(log2 qmax) for the symmetric rule, else 0),
+    amax >= 2^(c_lo + ql - shift) gives c >= c_lo and amax < 2^(c_hi - shift) gives c <= c_hi.
+    fp16: the direct rounding is always valid; Q(x) is an fp16 value when its quantum is at
+    least 2^-24 (c_lo) and |Q(x)| <= 2^15 (amax < 2^15: no block rounds up past it). Q(x) has at
+    most 7 significant bits (int8 codes; minifloat elements fewer), which fp16 and bf16 hold.
+    bf16: c and c + emin >= -126 keep 2^c, the magic numbers and Q(x) normal; c <= 88 keeps
+    them finite (the largest magic number is 1.5 * 2^(c + emax - man_bits + 23), emax - man_bits
+    <= 13 for e5m2). fp32 values take the general path."""
+    if dtype == torch.float16:
+        c_lo = -24 if spec.is_int else -24 - spec.elem_emin + spec.elem_man_bits
+        cap = 2.0**15
+    elif dtype == torch.bfloat16:
+        c_lo = -126 if spec.is_int else -126 - min(spec.elem_emin, 0)
+        cap = math.inf
+    else:
+        return False, 0.0, 0.0
+    c_hi = 88
+    ql = spec.qmax_log2 if spec.mode == _triton_mx.MODE_SYMMETRIC else 0
+    shift = spec.shared_offset + spec.code_shift
+    return True, 2.0 ** (c_lo + ql - shift), min(2.0 ** (c_hi - shift), cap)
+
+
+def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry) -> dict:
+    """Every constexpr of `_gluon_mx.mx_walsh_rotated_kernel` (compiled GPU code only: bf16
+    loads and stores as bf16, see _triton_mx.IO_BF16_NATIVE)."""
+    io = _triton_mx.IO_BF16_NATIVE if dtype == torch.bfloat16 else _IO_CODES[dtype]
+    direct, lo, hi = _direct_range(entry.spec, dtype)
+    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, DIRECT=direct, DIRECT_LO=lo,
+                DIRECT_HI=hi)
+
+
 def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch.Tensor | None:
     """The Walsh-rotated kernel (`_gluon_mx`), or None where it does not apply."""
     block = fmt.block_size
@@ -650,19 +688,17 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     if failure_key in GLUON_FAILURES:
         return None
     log_n = n.bit_length() - 1
-    num_warps, register_bits, programs_per_sm = WALSH_CONFIGS.get(log_n, WALSH_DEFAULT_CONFIG)
+    num_warps, register_bits, programs_per_sm, max_registers = WALSH_CONFIGS.get(log_n, WALSH_DEFAULT_CONFIG)
     plan, rows_per_tile = _walsh_plan(log_n, num_warps, register_bits)
     x = x.contiguous()
     n_rows = x.numel() // n
     even = n_rows % rows_per_tile == 0
-    key = ("walsh", n, x.dtype, x.device, num_warps, register_bits, even)
+    key = ("walsh", n, x.dtype, x.device, num_warps, register_bits, max_registers, even)
     config = entry.configs.get(key)
     if config is None:
-        # compiled GPU code only: bf16 loads and stores as bf16 (see _triton_mx.IO_BF16_NATIVE)
-        io = _triton_mx.IO_BF16_NATIVE if x.dtype == torch.bfloat16 else _IO_CODES[x.dtype]
         config = entry.configs[key] = _LaunchConfig(
-            _gluon_mx.mx_walsh_rotated_kernel, 5,
-            dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs), num_warps)
+            _gluon_mx.mx_walsh_rotated_kernel, 5, _walsh_constexprs(plan, even, x.dtype, block, entry), num_warps,
+            {"maxnreg": max_registers} if max_registers else None)
     n_tiles = -(-n_rows // rows_per_tile)
     y = torch.empty_like(x)
     grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)

@@ -393,16 +393,18 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
         tl.store(y_ptr + offsets, y)
 
 
-def _fp16_blocks(block: int) -> torch.Tensor:
-    """fp16 values as fp32 blocks (what the Walsh kernel quantizes): every scale from subnormal
-    to 65504, exact grid ties, negative zeros and values that round to -0.0, random bit patterns,
-    an all-zero block and one NaN and one Inf block (a non-finite block is all non-finite there)."""
-    rows = _hard_rows(8 * block, torch.float16, seed=5).float().reshape(-1, block)
+def _dtype_blocks(block: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Values of dtype as fp32 blocks (what the Walsh kernel quantizes): every scale from
+    subnormal to the dtype's max, exact grid ties, negative zeros and values that round to -0.0,
+    random finite bit patterns, an all-zero block and one NaN and one Inf block (a non-finite
+    block is all non-finite there)."""
+    rows = _hard_rows(8 * block, dtype, seed=5).float().reshape(-1, block)
     rows = rows[~(rows.isinf().any(1) | rows.isnan().any(1))]
     gen = torch.Generator().manual_seed(7)
-    patterns = torch.randint(0, 0x7C00, (64, block), generator=gen, dtype=torch.int32)
+    finite_limit = 0x7C00 if dtype == torch.float16 else 0x7F80
+    patterns = torch.randint(0, finite_limit, (64, block), generator=gen, dtype=torch.int32)
     patterns |= torch.randint(0, 2, (64, block), generator=gen, dtype=torch.int32) << 15
-    random = patterns.to(torch.int16).view(torch.float16).float()
+    random = patterns.to(torch.int16).view(dtype).float()
     small = torch.full((1, block), -0.25)
     small[0, 0] = 1024.0  # the rest rounds to -0.0
     nonfinite = torch.stack([torch.full((block,), float("nan")), torch.full((block,), float("-inf"))])
@@ -415,13 +417,42 @@ def _fp16_blocks(block: int) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
 @pytest.mark.parametrize("lean", [False, True], ids=["scaled", "lean"])
 def test_walsh_kernels_fp16_quantizer_equals_the_reference_bit_for_bit(fmt: Format, lean: bool) -> None:
-    x = _fp16_blocks(32).to(DEVICE)
-    spec = kernels._format_entry(fmt).constexprs
-    y = torch.empty_like(x)
-    for start in range(0, x.shape[0], 8):
-        _given_amax_kernel[(1,)](x[start:start + 8], y[start:start + 8], BLOCK=32, GROUP=8, ONE_FACTOR=True,
-                                 LEAN=lean, **spec)
+    x = _dtype_blocks(32).to(DEVICE)
+    y = _given_amax(x, fmt, one_factor=True, lean=lean)
     ref = quantize_reference(x, fmt)
     _assert_same(y, ref, f"{_ids(fmt)} lean={lean}")
     same_sign = torch.signbit(y) == torch.signbit(ref)
     assert bool((same_sign | ref.isnan()).all()), "a zero's sign differs from the reference"
+
+
+def _given_amax(x: torch.Tensor, fmt: Format, one_factor: bool, lean: bool) -> torch.Tensor:
+    y = torch.empty_like(x)
+    for start in range(0, x.shape[0], 8):
+        _given_amax_kernel[(1,)](x[start:start + 8], y[start:start + 8], BLOCK=32, GROUP=8,
+                                 ONE_FACTOR=one_factor, LEAN=lean, **kernels._format_entry(fmt).constexprs)
+    return y
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_walsh_kernels_direct_range_is_exact_and_needs_no_dtype_rounding(fmt: Format, dtype) -> None:
+    """The Walsh kernel's fast tile (kernels._direct_range): on every block whose amax lies in
+    [lo, hi) or is 0, rounding straight at the block quantum equals the reference, and the
+    result is already a value of the activation dtype (so the kernel skips that rounding).
+    The test data has blocks outside the range too, and ordinary scales are inside it."""
+    direct, lo, hi = kernels._direct_range(kernels._format_entry(fmt).spec, dtype)
+    assert direct
+    x = _dtype_blocks(32, dtype).to(DEVICE)
+    amax = x.abs().amax(dim=1)
+    inside = ((amax >= lo) & (amax < hi)) | (amax == 0)
+    assert 0 < int(inside.sum()) < x.shape[0] - 2, "the data should have blocks inside and outside the range"
+    y = _given_amax(x, fmt, one_factor=True, lean=True)[inside]
+    ref = quantize_reference(x, fmt)[inside]
+    _assert_same(y, ref, f"{_ids(fmt)} {dtype} inside the direct range")
+    assert bool((torch.signbit(y) == torch.signbit(ref)).all())
+    assert torch.equal(y.to(dtype).float(), y), "a direct-range result is not a value of the dtype"
+    # Ordinary activation scales take the fast tile, except fp16 with 8-bit minifloats: their
+    # grid under a small block's scale is finer than fp16's subnormals (2^-24), so those tiles
+    # keep the rounding to fp16 (still on the direct path, which is exact for every fp16 tile).
+    if dtype == torch.bfloat16 or fmt.element.bits <= 6:
+        assert lo <= 2.0**-8 and hi >= 2.0**8, "ordinary activation scales should take the fast tile"

@@ -220,11 +220,30 @@ def test_walsh_kernel_nonfinite_rows_follow_the_reference() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.element.name}-{f.scale_rule.value}")
+def test_walsh_kernel_tiles_outside_the_direct_range_take_the_general_path(dtype, fmt) -> None:
+    """Tiles (4 rows at n = 2048) whose blocks are all in kernels._direct_range run the fast
+    path; a tile with one tiny or one huge row runs the general one; both bit-exact."""
+    rotation = hadamard.get_rotation(2048)
+    x = _rows(16, 2048, dtype, seed=11).float()
+    _, lo, hi = kernels._direct_range(kernels._format_entry(fmt).spec, dtype)
+    # tile 1: blocks below the range (fp16: random signs at its smallest subnormal, 2^-24)
+    x[5] = x[5].sign() * 2.0**-24 if dtype == torch.float16 else x[5] / x[5].abs().max() * lo / 4
+    x[10] = 1.2 * hi / 2048**0.5  # tile 2: a constant row, whose H x has one element 1.2 * hi
+    x = x.to(dtype)
+    amax = rotation.forward(x).float().reshape(16, -1, 32).abs().amax(-1)
+    assert bool(((amax[5] < lo) & (amax[5] > 0)).any()) and bool((amax[10] >= hi).any())
+    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), f"{dtype} {fmt}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_walsh_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
     """A grid of one persistent program walks all tiles (the loop, not just the first tile),
     and the second call goes through the compiled-kernel launch path."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
-    monkeypatch.setitem(kernels.WALSH_CONFIGS, 11, (4, 6, 1))
+    monkeypatch.setitem(kernels.WALSH_CONFIGS, 11, (4, 6, 1, 0))
     kernels.clear_caches()
     try:
         fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)
