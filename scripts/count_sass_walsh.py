@@ -41,7 +41,8 @@ def compile_sm90(log_n: int, warps: int, register_bits: int, dtype: str = "fp16"
     plan = _gluon_mx.walsh_plan(log_n, warps, register_bits)
     plan.pop("rows_per_tile")
     pointer = POINTERS[dtype]
-    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]))
+    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]),
+                                           warps)
     signature = {"x_ptr": pointer, "y_ptr": pointer, "n_rows": "i32", "n_tiles": "i32", "scale": "fp32"}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = GluonASTSource(fn=_gluon_mx.mx_walsh_rotated_kernel, signature=signature, constexprs=constexprs,

@@ -669,11 +669,23 @@ def _direct_range(spec: _KernelSpec, dtype: torch.dtype) -> tuple[bool, float, f
     return True, 2.0 ** (c_lo + ql - shift), min(2.0 ** (c_hi - shift), cap)
 
 
-def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry) -> dict:
+# Where the Walsh kernel checks each tile against `_direct_range` (dtype -> most warps). The check
+# is one flag per tile, a reduction across the program's warps (a barrier); it pays only where
+# the fast tile saves many instructions. bf16 saves the two-factor scaling and the rounding of
+# Q's output (47.6 -> 41.2 SASS instructions per element at n = 2048), fp16 only that rounding
+# (41.7 -> 40.2; fp16 rounds at the block quantum on every tile anyway). Measured on the H100
+# (benchmarks/h100/walsh_direct.md): bf16 on 4 warps 5-8 % faster, fp16 5-9 % and 8 warps
+# (n = 8192) 1-8 % slower.
+WALSH_RANGE_CHECK_MAX_WARPS = {torch.bfloat16: 4}
+
+
+def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry,
+                      num_warps: int) -> dict:
     """Every constexpr of `_gluon_mx.mx_walsh_rotated_kernel` (compiled GPU code only: bf16
     loads and stores as bf16, see _triton_mx.IO_BF16_NATIVE)."""
     io = _triton_mx.IO_BF16_NATIVE if dtype == torch.bfloat16 else _IO_CODES[dtype]
     direct, lo, hi = _direct_range(entry.spec, dtype)
+    direct = direct and num_warps <= WALSH_RANGE_CHECK_MAX_WARPS.get(dtype, 0)
     return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, DIRECT=direct, DIRECT_LO=lo,
                 DIRECT_HI=hi)
 
@@ -697,7 +709,8 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     config = entry.configs.get(key)
     if config is None:
         config = entry.configs[key] = _LaunchConfig(
-            _gluon_mx.mx_walsh_rotated_kernel, 5, _walsh_constexprs(plan, even, x.dtype, block, entry), num_warps,
+            _gluon_mx.mx_walsh_rotated_kernel, 5, _walsh_constexprs(plan, even, x.dtype, block, entry, num_warps),
+            num_warps,
             {"maxnreg": max_registers} if max_registers else None)
     n_tiles = -(-n_rows // rows_per_tile)
     y = torch.empty_like(x)

@@ -223,8 +223,9 @@ def test_walsh_kernel_nonfinite_rows_follow_the_reference() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.element.name}-{f.scale_rule.value}")
 def test_walsh_kernel_tiles_outside_the_direct_range_take_the_general_path(dtype, fmt) -> None:
-    """Tiles (4 rows at n = 2048) whose blocks are all in kernels._direct_range run the fast
-    path; a tile with one tiny or one huge row runs the general one; both bit-exact."""
+    """bf16: tiles (4 rows at n = 2048) whose blocks are all in kernels._direct_range run the
+    fast path, a tile with one tiny or one huge row the general one; fp16 tiles of both kinds
+    run the direct rounding plus the rounding to fp16. All bit-exact."""
     rotation = hadamard.get_rotation(2048)
     x = _rows(16, 2048, dtype, seed=11).float()
     _, lo, hi = kernels._direct_range(kernels._format_entry(fmt).spec, dtype)
