@@ -19,11 +19,13 @@ holding the next run of bits in registers; `walsh_plan` chooses them. Between st
 Bit-exact against the reference, not just close: the levels run in the reference's order
 (b = 0, 1, ..., L-1), each in IEEE fp32 like torch's, the normalization is the same fp32 multiply
 by 1/sqrt(n), H x and Q(H x) are rounded to the activation dtype where the reference rounds
-them, and Q is `_triton_mx._fake_quantize_given_amax`, the plain kernel's exact MX math (with
-one power-of-two multiply each way for fp16, where that is exact, and its LEAN form: the same
-values in fewer instructions).
+them, and Q is `_triton_mx._fake_quantize_given_amax`, the plain kernel's exact MX math in its
+LEAN form (the same values in fewer instructions). fp16 values are rounded straight at the
+block quantum, never scaled (`_triton_mx._round_at_block_quantum`); bf16 tiles do the same when
+every block's amax is inside `kernels._direct_range`, and their Q(H x) is then already a bf16
+value; other tiles take the general path (one flag per tile, so the branch is uniform).
 
-Cost: 43-50 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 2 log2 n of
+Cost: 41-48 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 2 log2 n of
 them the butterfly adds; `scripts/count_sass_walsh.py`, benchmarks/walsh_sass.md). On the H100
 the transform alone ran near copy speed and the quantizer's instructions set the time
 (benchmarks/h100/walsh_prototype.md, benchmarks/walsh_sass.md).

@@ -28,11 +28,12 @@ element grid (one quantum, in a small fraction of elements; the tests bound both
 Why one pass: the straightforward torch fake-quantization reads and writes the activation about
 ten times (abs, amax, log2, ceil, divide, round, clamp, multiply, cast); here each element is
 loaded once and stored once, so the plain kernel runs at close to copy bandwidth
-(scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 58-68 % of copy for fp16, 47-60 %
-for bf16 (43-50 instructions per element, 2 log2 n = 22-26 of them butterfly adds, and time
-followed the count: benchmarks/walsh_sass.md, benchmarks/h100/walsh_prototype.md); the MMA
-kernel 18-26 %, bound by shared-memory layout traffic between its MMA stages
-(benchmarks/h100/ncu_rotated.md).
+(scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 71-76 % of copy at n = 2048
+fp16, 66-69 % at 4096 and 59-61 % at 8192; bf16 51-70 % (41-48 instructions per element, 2 log2 n
+= 22-26 of them butterfly adds; time followed the count, and at n = 2048 Nsight Compute saw 68 %
+of issue slots busy at 25 % occupancy: benchmarks/walsh_sass.md, benchmarks/h100/walsh_direct.md,
+benchmarks/h100/ncu_walsh.md); the MMA kernel 19-26 %, bound by shared-memory layout traffic
+between its MMA stages (benchmarks/h100/ncu_rotated.md).
 """
 
 from __future__ import annotations
@@ -674,8 +675,8 @@ def _direct_range(spec: _KernelSpec, dtype: torch.dtype) -> tuple[bool, float, f
 # the fast tile saves many instructions. bf16 saves the two-factor scaling and the rounding of
 # Q's output (47.6 -> 41.2 SASS instructions per element at n = 2048), fp16 only that rounding
 # (41.7 -> 40.2; fp16 rounds at the block quantum on every tile anyway). Measured on the H100
-# (benchmarks/h100/walsh_direct.md): bf16 on 4 warps 5-8 % faster, fp16 5-9 % and 8 warps
-# (n = 8192) 1-8 % slower.
+# (benchmarks/h100/walsh_direct.md): bf16 on 4 warps 5-8 % faster, fp16 2-9 % and bf16 on
+# 8 warps (n = 8192) 1-9 % slower.
 WALSH_RANGE_CHECK_MAX_WARPS = {torch.bfloat16: 4}
 
 
