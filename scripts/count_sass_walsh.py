@@ -38,8 +38,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def compile_sm90(log_n: int, warps: int, register_bits: int, dtype: str = "fp16", fmt: str = "MXINT4",
                  even: bool = True, max_registers: int = 0):
     """Compile the kernel for sm_90 here (no GPU): (CompiledKernel, SASS text, resource usage text)."""
-    plan = _gluon_mx.walsh_plan(log_n, warps, register_bits)
-    plan.pop("rows_per_tile")
+    plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)
     pointer = POINTERS[dtype]
     constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]),
                                            warps)
@@ -68,7 +67,7 @@ def check_all() -> int:
     instructions per element (tests/formats/test_walsh_kernel.py reads these)."""
     for log_n, dtype, even in CHECK_CASES:
         warps, register_bits, _, max_registers = kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)
-        plan = _gluon_mx.walsh_plan(log_n, warps, register_bits)
+        plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)
         compiled, sass, usage = compile_sm90(log_n, warps, register_bits, dtype, "MXINT4", even, max_registers)
         local = re.search(r"LOCAL:(\d+)", usage)
         registers = re.search(r"REG:(\d+)", usage)

@@ -32,8 +32,6 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 
-
-
 def make_tiny_llama(
     seed: int = 0,
     *,

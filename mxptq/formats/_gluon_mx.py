@@ -132,14 +132,14 @@ def mx_walsh_rotated_kernel(
                                               SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                               CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
                                               ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                              ONE_FACTOR=True, LEAN=True)
+                                              AT_QUANTUM=True)
             x = gl.reshape(q, (M,))
         else:
             q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
                                               SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                               CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
                                               ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                              ONE_FACTOR=IO == 1,  # fp16 values: exact
+                                              AT_QUANTUM=IO == 1,  # every fp16 block is in range
                                               LEAN=True)
             x = _mx._round_through_io(gl.reshape(q, (M,)), IO)
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
@@ -149,7 +149,7 @@ def mx_walsh_rotated_kernel(
 
 def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -> dict:
     """Layouts and stage boundaries for rows of 2^log_n (8 <= log_n <= 15), as the kernel's
-    constexprs (IO_LAYOUT, S0..S3, E0..E3, N_STAGES, LOG_N, M) plus "rows_per_tile".
+    constexprs (IO_LAYOUT, S0..S3, E0..E3, N_STAGES, LOG_N, M); a tile holds M >> log_n rows.
 
     A tile has T index bits: the row's log_n bits (0 = contiguous), then row bits. Each thread
     holds 2^register_bits values; a row shorter than a warp's share puts row bits in registers
@@ -207,7 +207,6 @@ def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -
         stage_layout, end = stages[min(k, len(stages) - 1)]
         consts[f"S{k}"] = stage_layout
         consts[f"E{k}"] = end
-    consts["rows_per_tile"] = 1 << (total - log_n)
     return consts
 
 

@@ -330,23 +330,19 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
                               IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
                               CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
                               ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr,
-                              ONE_FACTOR: tl.constexpr = False, LEAN: tl.constexpr = False):
+                              AT_QUANTUM: tl.constexpr = False, LEAN: tl.constexpr = False):
     """The block-NaN fake-quantization of `_fake_quantize_tile` for any tile shape: amax_bits
     holds each element's block amax bit pattern (|x| bits maximized over the block), in a shape
     that broadcasts against x with singleton block axes, so per-block work stays per block.
-
-    ONE_FACTOR: x holds fp16 values (|x| in [2^-24, 65504] or 0, or non-finite). Then a nonzero
-    block's |code_exp| stays below 64 for every format, so 2^-code_exp and 2^code_exp are each
-    one normal fp32 power of two: one exact multiply each way instead of two. (An all-zero
-    block's exponent is clamped into range; it only ever multiplies zeros.)
 
     LEAN: the same values with fewer instructions per element, for a caller that does not need
     the NaN constant's bit pattern (the Walsh kernel): integer codes are clamped after the sign
     is put back (two min/max instead of a per-element select), and a non-finite block turns NaN
     through a NaN scale factor (the hardware's NaN, not the constant) instead of a select.
 
-    ONE_FACTOR and LEAN together: x is never scaled at all (`_round_at_block_quantum`, whose
-    range condition the caller guarantees: fp16 values, or bf16 blocks it checked)."""
+    AT_QUANTUM: x is never scaled at all (`_round_at_block_quantum`, fewer instructions still,
+    the same values), for a caller that guarantees its range condition: fp16 values, or bf16
+    blocks it checked against kernels._direct_range."""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
     nonfinite = amax_bits >= 0x7F800000
@@ -356,23 +352,17 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     shared_exp = tl.minimum(tl.maximum(block_exp + SHARED_OFFSET, SHARED_MIN), SHARED_MAX)
     shared_exp = tl.where(is_zero, ZERO_SHARED, shared_exp)
     code_exp = shared_exp + CODE_SHIFT
-    if ONE_FACTOR and LEAN:
+    if AT_QUANTUM:
         return _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT, CODE_MAX_POS,
                                        CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX)
-    if ONE_FACTOR:
-        bounded = tl.minimum(tl.maximum(code_exp, -126), 126)
-        down = _pow2(-bounded)
-        up = _pow2(bounded)
-        mag = tl.abs(x * down)
-    else:
-        # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
-        down_lo = (-code_exp) >> 1
-        down_1 = _pow2(down_lo)
-        down_2 = _pow2(-code_exp - down_lo)
-        up_lo = code_exp >> 1
-        up_1 = _pow2(up_lo)
-        up_2 = _pow2(code_exp - up_lo)
-        mag = tl.abs((x * down_1) * down_2)
+    # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
+    down_lo = (-code_exp) >> 1
+    down_1 = _pow2(down_lo)
+    down_2 = _pow2(-code_exp - down_lo)
+    up_lo = code_exp >> 1
+    up_1 = _pow2(up_lo)
+    up_2 = _pow2(code_exp - up_lo)
+    mag = tl.abs((x * down_1) * down_2)
     if IS_INT:
         rounded = (mag + 12582912.0) - 12582912.0  # RNE to an integer (mag < 2^22 here)
         if not LEAN:  # (the lean path clamps the signed value below)
@@ -391,17 +381,8 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
             # -0.0: max(-0.0, -c) is -0.0)
             signed = tl.minimum(tl.maximum(signed, -CODE_MAX_NEG), CODE_MAX_POS)
         # a non-finite block's last factor is NaN, so all its elements become NaN (0 * NaN too)
-        if ONE_FACTOR:
-            out = signed * tl.where(nonfinite, float("nan"), up)
-        else:
-            out = (signed * up_1) * tl.where(nonfinite, float("nan"), up_2)
-    else:
-        if ONE_FACTOR:
-            out = signed * up
-        else:
-            out = (signed * up_1) * up_2
-        out = tl.where(nonfinite, float("nan"), out)
-    return out
+        return (signed * up_1) * tl.where(nonfinite, float("nan"), up_2)
+    return tl.where(nonfinite, float("nan"), (signed * up_1) * up_2)
 
 
 @triton.jit

@@ -638,8 +638,7 @@ def _is_walsh(rotation) -> bool:
 def _walsh_plan(log_n: int, num_warps: int, register_bits: int) -> tuple[dict, int]:
     """The Gluon kernel's layout constexprs for rows of 2^log_n, and rows per tile."""
     plan = _gluon_mx.walsh_plan(log_n, num_warps, register_bits)
-    rows_per_tile = plan.pop("rows_per_tile")
-    return plan, rows_per_tile
+    return plan, plan["M"] >> log_n
 
 
 def _direct_range(spec: _KernelSpec, dtype: torch.dtype) -> tuple[bool, float, float]:

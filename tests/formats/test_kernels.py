@@ -364,10 +364,11 @@ def test_repeated_calls_stay_exact(dtype) -> None:
 
 
 # ---------------------------------------------------------------- the Walsh kernel's MX math
-# The Gluon Walsh kernel (fp16 activations) quantizes with `_fake_quantize_given_amax` in its
-# ONE_FACTOR + LEAN form (`_round_at_block_quantum`: rounding at the block's quantum without
-# scaling). Gluon has no CPU interpreter, so that math is checked here on its own, through a
-# plain Triton kernel that Triton's interpreter runs, against the reference on fp16 values.
+# The Gluon Walsh kernel quantizes with `_fake_quantize_given_amax` in two forms: AT_QUANTUM
+# (`_round_at_block_quantum`: rounding at the block's quantum without scaling; fp16, and bf16
+# tiles in range) and LEAN (the general path). Gluon has no CPU interpreter, so that math is
+# checked here on its own, through a plain Triton kernel that Triton's interpreter runs, against
+# the reference on fp16 values.
 if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
     import triton
     import triton.language as tl
@@ -375,7 +376,7 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
     from mxptq.formats import _triton_mx
 
     @triton.jit
-    def _given_amax_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr, GROUP: tl.constexpr, ONE_FACTOR: tl.constexpr,
+    def _given_amax_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr, GROUP: tl.constexpr, AT_QUANTUM: tl.constexpr,
                            LEAN: tl.constexpr, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
                            QMAX_SIGNIFICAND: tl.constexpr, SHARED_OFFSET: tl.constexpr,
                            SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr, ZERO_SHARED: tl.constexpr,
@@ -389,7 +390,7 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
         y = _triton_mx._fake_quantize_given_amax(x, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
                                                  SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
                                                  CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                                 ONE_FACTOR=ONE_FACTOR, LEAN=LEAN)
+                                                 AT_QUANTUM=AT_QUANTUM, LEAN=LEAN)
         tl.store(y_ptr + offsets, y)
 
 
@@ -415,21 +416,22 @@ def _dtype_blocks(block: int, dtype: torch.dtype = torch.float16) -> torch.Tenso
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
-@pytest.mark.parametrize("lean", [False, True], ids=["scaled", "lean"])
-def test_walsh_kernels_fp16_quantizer_equals_the_reference_bit_for_bit(fmt: Format, lean: bool) -> None:
+@pytest.mark.parametrize("at_quantum", [False, True], ids=["lean", "at-quantum"])
+def test_walsh_kernels_fp16_quantizer_equals_the_reference_bit_for_bit(fmt: Format, at_quantum: bool) -> None:
     x = _dtype_blocks(32).to(DEVICE)
-    y = _given_amax(x, fmt, one_factor=True, lean=lean)
+    y = _given_amax(x, fmt, at_quantum=at_quantum)
     ref = quantize_reference(x, fmt)
-    _assert_same(y, ref, f"{_ids(fmt)} lean={lean}")
+    _assert_same(y, ref, f"{_ids(fmt)} at_quantum={at_quantum}")
     same_sign = torch.signbit(y) == torch.signbit(ref)
     assert bool((same_sign | ref.isnan()).all()), "a zero's sign differs from the reference"
 
 
-def _given_amax(x: torch.Tensor, fmt: Format, one_factor: bool, lean: bool) -> torch.Tensor:
+def _given_amax(x: torch.Tensor, fmt: Format, at_quantum: bool) -> torch.Tensor:
+    """The Walsh kernel's quantizer on x's blocks: AT_QUANTUM, or else the LEAN general path."""
     y = torch.empty_like(x)
     for start in range(0, x.shape[0], 8):
         _given_amax_kernel[(1,)](x[start:start + 8], y[start:start + 8], BLOCK=32, GROUP=8,
-                                 ONE_FACTOR=one_factor, LEAN=lean, **kernels._format_entry(fmt).constexprs)
+                                 AT_QUANTUM=at_quantum, LEAN=True, **kernels._format_entry(fmt).constexprs)
     return y
 
 
@@ -446,7 +448,7 @@ def test_walsh_kernels_direct_range_is_exact_and_needs_no_dtype_rounding(fmt: Fo
     amax = x.abs().amax(dim=1)
     inside = ((amax >= lo) & (amax < hi)) | (amax == 0)
     assert 0 < int(inside.sum()) < x.shape[0] - 2, "the data should have blocks inside and outside the range"
-    y = _given_amax(x, fmt, one_factor=True, lean=True)[inside]
+    y = _given_amax(x, fmt, at_quantum=True)[inside]
     ref = quantize_reference(x, fmt)[inside]
     _assert_same(y, ref, f"{_ids(fmt)} {dtype} inside the direct range")
     assert bool((torch.signbit(y) == torch.signbit(ref)).all())

@@ -45,7 +45,7 @@ def _configs():
 def test_walsh_plan_runs_every_level_in_registers_in_reference_order(log_n, num_warps, register_bits) -> None:
     plan = gluon_mx.walsh_plan(log_n, num_warps, register_bits)
     total = plan["M"].bit_length() - 1
-    assert plan["rows_per_tile"] == 1 << (total - log_n)
+    assert kernels._walsh_plan(log_n, num_warps, register_bits)[1] == 1 << (total - log_n)  # rows per tile
     layouts = [plan["IO_LAYOUT"]] + [plan[f"S{k}"] for k in range(plan["N_STAGES"])]
     for layout in layouts:
         regs, lanes, warps = _bits(layout.reg_bases), _bits(layout.lane_bases), _bits(layout.warp_bases)
