@@ -110,17 +110,33 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
             record("rotated kernel", fmt_name, None, f"not covered ({rotation.description})")
         else:
             ref_rot = rotation.inverse(quantize_reference(rotation.forward(x), fmt))
-            diff = (rotated.float() - ref_rot.float()).abs()
-            ran_walsh = any(k[0] == "walsh" and k[1] == n and k[2] == x.dtype for k in kernels._format_entry(fmt).configs)
-            which = "Gluon butterflies" if ran_walsh else "two-stage MMA"
-            agreement = ("bit-exact" if float(diff.max()) == 0 else
-                         f"{100 * float((diff > 0).float().mean()):.3f}% elems differ from reference, "
-                         f"max |diff| {float(diff.max()):.3g}")
+            configs = kernels._format_entry(fmt).configs
+            ran_walsh = any(k[0] == "walsh" and k[1] == n and k[2] == x.dtype for k in configs)
+            ran_kron = any(k[0] == "kron" and k[1].k << k[1].log_p == n and k[2] == x.dtype for k in configs)
+            which = "Gluon butterflies" if ran_walsh else "Gluon kron" if ran_kron else "two-stage MMA"
+
+            def agreement(out, ref_rot=ref_rot):
+                diff = (out.float() - ref_rot.float()).abs()
+                return ("bit-exact" if float(diff.max()) == 0 else
+                        f"{100 * float((diff > 0).float().mean()):.3f}% elems differ from reference, "
+                        f"max |diff| {float(diff.max()):.3g}")
+
             record("rotated kernel", fmt_name,
                    time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs, args.iters),
-                   f"{rotation.description}; {which}; {agreement}",
+                   f"{rotation.description}; {which}; {agreement(rotated)}",
                    eager=time_op(lambda f=fmt: kernels.try_rotated_quantize(x, f, rotation), args.warmup, args.iters))
-            del ref_rot, diff
+            if ran_kron:  # the MMA kernel it replaced, side by side
+                kernels.USE_KRON_KERNEL = False
+                try:
+                    mma = kernels.try_rotated_quantize(x, fmt, rotation)
+                    record("rotated kernel (MMA)", fmt_name,
+                           time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs,
+                                       args.iters),
+                           f"{rotation.description}; two-stage MMA; {agreement(mma)}")
+                    del mma
+                finally:
+                    kernels.USE_KRON_KERNEL = True
+            del ref_rot
         if not args.no_reference:
             record("torch reference", fmt_name, None, "eager time only",
                    eager=time_op(lambda f=fmt: quantize_reference(x, f), 2, max(3, args.iters // 5)))
@@ -166,6 +182,32 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
     kernels.clear_caches()
 
 
+def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
+    """The Gluon kron kernel's (warps, programs per SM, values per thread over the K slices)."""
+    names = ("KRON_NUM_WARPS", "KRON_PROGRAMS_PER_SM", "KRON_MAX_VALUES")
+    defaults = tuple(getattr(kernels, name) for name in names)
+    for setting in ((4, 2, 96), (4, 3, 96), (4, 4, 96), (4, 8, 96), (8, 2, 96), (8, 4, 96), (4, 4, 48),
+                    (4, 8, 48), (4, 4, 160), (4, 2, 160)):
+        for name, value in zip(names, setting):
+            setattr(kernels, name, value)
+        kernels.clear_caches()
+        label = f"kron warps={setting[0]} programs/SM={setting[1]} values/thread<={setting[2]}"
+        try:
+            if kernels._build_kron_plan(rot) is None:
+                raise RuntimeError("no kron plan")
+            t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
+            if kernels.GLUON_FAILURES:
+                raise RuntimeError(next(iter(kernels.GLUON_FAILURES.values())))
+        except Exception as exc:  # noqa: BLE001 - record it and go on
+            kernels.GLUON_FAILURES.clear()
+            print(f"| {n} | {dtype_name} | {fmt_name} | {label} | failed: {type(exc).__name__} | |", flush=True)
+            continue
+        print(f"| {n} | {dtype_name} | {fmt_name} | {label} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
+    for name, value in zip(names, defaults):
+        setattr(kernels, name, value)
+    kernels.clear_caches()
+
+
 def sweep(args) -> None:
     """Tile / warp / split settings of the kernels, device time only, printed as a table."""
     import itertools
@@ -189,6 +231,10 @@ def sweep(args) -> None:
             rot = get_rotation(n, block_size=32)
             if kernels._is_walsh(rot) and kernels.HAVE_GLUON:
                 _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
+                if args.sweep_walsh_only:
+                    continue
+            elif kernels.HAVE_GLUON and kernels._build_kron_plan(rot) is not None:
+                _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
                 if args.sweep_walsh_only:
                     continue
             names = ("ROTATION_TILE_ELEMENTS", "ROTATION_NUM_WARPS", "ROTATION_PROGRAMS_PER_SM", "ROTATION_MID_SPLIT")
@@ -228,7 +274,7 @@ def main() -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
     ap.add_argument("--sweep", action="store_true", help="only time kernel settings (tile, warps, split)")
     ap.add_argument("--sweep-rotated-only", action="store_true", help="with --sweep: only the rotated kernel")
-    ap.add_argument("--sweep-walsh-only", action="store_true", help="with --sweep: only the Gluon Walsh kernel")
+    ap.add_argument("--sweep-walsh-only", action="store_true", help="with --sweep: only the Gluon kernels (Walsh, kron)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA device", file=sys.stderr)

@@ -1,5 +1,7 @@
-"""Gluon kernel for the Walsh-rotated MX fake-quantizer: y = H^T Q(H x), H = H_2^L / sqrt(n),
-along rows of n = 2^L.
+"""Gluon kernels for the rotated MX fake-quantizer y = R^T Q(R x) along rows: R = H_2^L / sqrt(n)
+for n = 2^L (`mx_walsh_rotated_kernel`, bit-exact), and R = s (A kron H_P) for n = K * P with A a
++-1 matrix of order K, e.g. H_12 or H_36 (`mx_kron_rotated_kernel`, the same butterflies on
+each of a row's K slices plus A as adds in registers; see it).
 
 `mxptq.formats.kernels` imports this module inside a try (no Triton, or a Triton without this
 Gluon API: the MMA kernel serves every rotation). Gluon is Triton's explicit-layout dialect:
@@ -65,10 +67,10 @@ def _stage(x, LAYOUT: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr, M: 
 @gluon.jit
 def _walsh(x, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr,
            E0: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr, E3: gl.constexpr,
-           N_STAGES: gl.constexpr, M: gl.constexpr):
+           N_STAGES: gl.constexpr, M: gl.constexpr, FIRST: gl.constexpr = 0):
     """Unnormalized Walsh transform of every row of the tile: stage k holds bits E(k-1)..Ek-1
-    in registers of layout Sk (E(-1) = 0)."""
-    x = _stage(x, S0, 0, E0, M)
+    in registers of layout Sk (E(-1) = FIRST, the row's lowest index bit)."""
+    x = _stage(x, S0, FIRST, E0, M)
     if N_STAGES > 1:
         x = _stage(x, S1, E0, E1, M)
     if N_STAGES > 2:
@@ -147,6 +149,207 @@ def mx_walsh_rotated_kernel(
         _mx._store_f32_fast(y_ptr + base + local, x * scale, mask, IO)
 
 
+@gluon.jit
+def _walsh_reversed(x, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr,
+                    E0: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr, E3: gl.constexpr,
+                    N_STAGES: gl.constexpr, M: gl.constexpr, FIRST: gl.constexpr = 0):
+    """`_walsh` with its stages in reverse order (the levels commute in exact arithmetic): it
+    starts in the layout where `_walsh` ended and ends in S0, the IO layout."""
+    if N_STAGES > 3:
+        x = _stage(x, S3, E2, E3, M)
+    if N_STAGES > 2:
+        x = _stage(x, S2, E1, E2, M)
+    if N_STAGES > 1:
+        x = _stage(x, S1, E0, E1, M)
+    return _stage(x, S0, FIRST, E0, M)
+
+
+@gluon.jit
+def _mix(xs, K: gl.constexpr, TERMS: gl.constexpr, FLIP: gl.constexpr):
+    """out_j = sum_i A[j, i] xs[i] for a +-1 matrix A (the H_K factor), every xs[i] a tile in
+    the same layout. Pairs first: s_i = x_2i + x_2i+1 and d_i = x_2i - x_2i+1 hold every
+    signed pair sum up to sign, so a row costs K/2 - 1 adds instead of K - 1 (K/2 + 1 per
+    element instead of K). TERMS[j * K/2 + t] codes term t of row j as (pair * 2 + use_d) * 2 +
+    negate; `kron_mix` orders each row to start with a positive term where it has one, and
+    FLIP[j] negates a row that has none."""
+    HALF: gl.constexpr = K // 2
+    pairs = ()
+    for i in gl.static_range(HALF):
+        pairs = pairs + (xs[2 * i] + xs[2 * i + 1], xs[2 * i] - xs[2 * i + 1])
+    out = ()
+    for j in gl.static_range(K):
+        acc = pairs[TERMS[j * HALF] >> 1]
+        for t in gl.static_range(1, HALF):
+            if TERMS[j * HALF + t] & 1:
+                acc = acc - pairs[TERMS[j * HALF + t] >> 1]
+            else:
+                acc = acc + pairs[TERMS[j * HALF + t] >> 1]
+        if FLIP[j]:
+            acc = -acc
+        out = out + (acc,)
+    return out
+
+
+@gluon.jit
+def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.constexpr,
+                   IO: gl.constexpr, BLOCK: gl.constexpr,
+                   MODE: gl.constexpr, QMAX_LOG2: gl.constexpr, QMAX_SIGNIFICAND: gl.constexpr,
+                   SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
+                   ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
+                   CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
+                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr):
+    """Q(round(scale * x)) rounded to the activation dtype, for every k-slice of the tile. A
+    row's MX blocks are BLOCK consecutive elements: BLOCK / P consecutive slices when a block
+    is longer than a slice (P = 2^LOG_P), else BLOCK consecutive elements of one slice."""
+    P: gl.constexpr = 1 << LOG_P
+    # Blocks of G slices x SPAN elements: one slice and BLOCK elements, or G slices whole.
+    G: gl.constexpr = BLOCK // P if BLOCK > P else 1
+    SPAN: gl.constexpr = P if BLOCK > P else BLOCK  # noqa: FURB136 - a kernel constexpr
+    out = ()
+    for g in gl.static_range(K // G):
+        group = ()
+        for t in gl.static_range(G):
+            x = _mx._round_through_io(xs[g * G + t] * scale, IO)
+            group = group + (gl.reshape(x, (M // SPAN, SPAN)),)
+        amax = gl.max(gl.abs(group[0]), axis=1)
+        for t in gl.static_range(1, G):
+            amax = gl.maximum(amax, gl.max(gl.abs(group[t]), axis=1))
+        amax_bits = gl.expand_dims(amax.to(gl.int32, bitcast=True), 1)
+        for t in gl.static_range(G):
+            q = _mx._fake_quantize_given_amax(group[t], amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
+                                              SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
+                                              CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
+                                              ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
+                                              AT_QUANTUM=IO == 1, LEAN=True)
+            out = out + (_mx._round_through_io(gl.reshape(q, (M,)), IO),)
+    return out
+
+
+@gluon.jit
+def _join_group(a, b, c, d, M: gl.constexpr):
+    """Four slice tiles as one tile of M elements, the slice in the two lowest index bits."""
+    return gl.reshape(gl.join(gl.join(a, b), gl.join(c, d)), (M,))
+
+
+@gluon.jit
+def _split_group(x, M: gl.constexpr):
+    """`_join_group` undone: the four slice tiles, in order."""
+    ab, cd = gl.split(gl.reshape(x, (M // 4, 2, 2)))
+    a, b = gl.split(ab)
+    c, d = gl.split(cd)
+    return a, b, c, d
+
+
+@gluon.jit
+def mx_kron_rotated_kernel(
+    x_ptr, y_ptr, n_rows, n_tiles, scale,
+    SLICE_LAYOUT: gl.constexpr, IO_LAYOUT: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr,
+    S2: gl.constexpr, S3: gl.constexpr, E0: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr,
+    E3: gl.constexpr, N_STAGES: gl.constexpr, LOG_N: gl.constexpr, M: gl.constexpr,
+    VECTOR: gl.constexpr, EVEN: gl.constexpr, K: gl.constexpr, FORWARD_TERMS: gl.constexpr,
+    FORWARD_FLIP: gl.constexpr, INVERSE_TERMS: gl.constexpr, INVERSE_FLIP: gl.constexpr,
+    IO: gl.constexpr, BLOCK: gl.constexpr,
+    MODE: gl.constexpr, QMAX_LOG2: gl.constexpr, QMAX_SIGNIFICAND: gl.constexpr,
+    SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
+    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
+    CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
+    ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
+):
+    """y = R^T Q(R x) for every row of a row-major [n_rows, K * 2^LOG_N] tensor, R = s (A kron
+    H_2^m) with A a +-1 K x K matrix (FORWARD_TERMS codes A, INVERSE_TERMS A^T; `_mix`) and s
+    = 1 / sqrt(n): a row is K slices of P = 2^LOG_N, X[k, p] = x[k * P + p], and R x is
+    s * A X H_P (mxptq.nn.hadamard.Rotation, kind "kron").
+
+    A tile holds its rows' K slices as K tiles of M / 4 elements in one layout (SLICE_LAYOUT at
+    load and store: 16 bytes per thread). For the H_P butterflies four slices are joined into
+    one tile of M elements (`kron_plan`), so that each layout conversion moves four slices at
+    once (one trip through shared memory, not four); A mixes the slices element by element in
+    registers (`_mix`). The inverse runs A^T first, then the butterflies with the stages
+    reversed. Not bit-exact (the reference's H_K is an fp32 matmul): R x agrees with the
+    reference to fp32 rounding, as the MMA kernel's does."""
+    gl.static_assert(NONFINITE == 0, "the rotated kernel implements the block-NaN policy only")
+    gl.static_assert(K % 4 == 0, "slices are joined in fours")
+    P: gl.constexpr = 1 << LOG_N
+    MS: gl.constexpr = M // 4  # elements of one slice tile
+    ROWS: gl.constexpr = MS >> LOG_N
+    local = gl.arange(0, MS, layout=SLICE_LAYOUT)
+    # row * K * P + p, in runs of VECTOR consecutive elements (Triton cannot see that itself)
+    offsets = local + (local >> LOG_N) * ((K - 1) * P)
+    offsets = gl.max_contiguous(gl.multiple_of(offsets, VECTOR), VECTOR)
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        base = tile.to(gl.int64) * (ROWS * K * P)
+        if EVEN:
+            mask = None
+        else:
+            mask = (local >> LOG_N) < n_rows - tile.to(gl.int64) * ROWS
+        xs = ()
+        for g in gl.static_range(K // 4):
+            quad = ()
+            for t in gl.static_range(4):
+                quad = quad + (_mx._load_f32_fast(x_ptr + base + (4 * g + t) * P + offsets, mask, IO),)
+            x = gl.convert_layout(_join_group(quad[0], quad[1], quad[2], quad[3], M), IO_LAYOUT)
+            x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 2)
+            xs = xs + _split_group(x, M)
+        xs = _mix(xs, K, FORWARD_TERMS, FORWARD_FLIP)
+        xs = _quantize_kron(xs, scale, K, LOG_N, MS, IO, BLOCK, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
+                            SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
+                            CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX)
+        xs = _mix(xs, K, INVERSE_TERMS, INVERSE_FLIP)
+        for g in gl.static_range(K // 4):
+            x = _join_group(xs[4 * g], xs[4 * g + 1], xs[4 * g + 2], xs[4 * g + 3], M)
+            x = _walsh_reversed(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 2)
+            quad = _split_group(x, M)
+            for t in gl.static_range(4):
+                out = gl.convert_layout(quad[t], SLICE_LAYOUT) * scale
+                _mx._store_f32_fast(y_ptr + base + (4 * g + t) * P + offsets, out, mask, IO)
+
+
+def kron_plan(log_p: int, num_warps: int, register_bits: int) -> dict:
+    """Layouts and stages of the kron kernel (rows of P = 2^log_p per slice), as `walsh_plan`
+    gives them for a tile of four joined slices: index bits 0-1 are the slice (registers
+    throughout), then the slice tile's bits. SLICE_LAYOUT, one slice's tile: each thread holds
+    2^register_bits consecutive elements (its 16-byte accesses at 8), lanes the next 5 bits,
+    warps the rest; a slice tile holds (M / 4) >> log_p rows. IO_LAYOUT = S0 is the same
+    for the joined tile, with the slice bits in registers."""
+    warp_bits = num_warps.bit_length() - 1
+    if (1 << warp_bits) != num_warps or not 1 <= register_bits <= log_p:
+        raise ValueError(f"kron_plan: {num_warps} warps, 2^{register_bits} values per thread, rows of 2^{log_p}")
+    slice_total = register_bits + LANE_BITS + warp_bits
+    if log_p > slice_total:
+        raise ValueError(f"kron_plan: {num_warps} warps cannot hold a slice of 2^{log_p}")
+    regs = list(range(register_bits))
+    lanes = list(range(register_bits, register_bits + LANE_BITS))
+    warps = list(range(register_bits + LANE_BITS, slice_total))
+    slice_layout = gl.DistributedLinearLayout(
+        reg_bases=[[1 << b] for b in regs], lane_bases=[[1 << b] for b in lanes],
+        warp_bases=[[1 << b] for b in warps], block_bases=[], shape=[1 << slice_total])
+    plan = _stage_plan([0, 1] + [b + 2 for b in regs], [b + 2 for b in lanes], [b + 2 for b in warps],
+                       slice_total + 2, log_p, register_bits + 2, first=2)
+    return dict(plan, SLICE_LAYOUT=slice_layout, VECTOR=1 << register_bits)
+
+
+def kron_mix(matrix) -> tuple[tuple, tuple]:
+    """(TERMS, FLIP) of `_mix` for a +-1 matrix (nested sequences of ints, even order)."""
+    k = len(matrix)
+    if k % 2 or any(len(row) != k or any(v not in (1, -1) for v in row) for row in matrix):
+        raise ValueError("kron_mix: a square +-1 matrix of even order")
+    terms, flip = [], []
+    for row in matrix:
+        codes = []
+        for i in range(k // 2):
+            use_d = row[2 * i] != row[2 * i + 1]
+            codes.append((i * 2 + use_d) * 2 + (row[2 * i] < 0))
+        positive = [c for c in codes if not c & 1]
+        flipped = not positive
+        if flipped:  # every pair term negative: sum them positively, negate the row at the end
+            codes = [c ^ 1 for c in codes]
+        first = next(c for c in codes if not c & 1)
+        codes.remove(first)
+        terms += [first, *codes]
+        flip.append(int(flipped))
+    return tuple(terms), tuple(flip)
+
+
 def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -> dict:
     """Layouts and stage boundaries for rows of 2^log_n (8 <= log_n <= 15), as the kernel's
     constexprs (IO_LAYOUT, S0..S3, E0..E3, N_STAGES, LOG_N, M); a tile holds M >> log_n rows.
@@ -174,6 +377,15 @@ def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -
                + list(range(log_n, log_n + register_row_bits)))
     io_lanes = list(range(VECTOR_BITS, VECTOR_BITS + LANE_BITS))
     io_warps = [b for b in range(total) if b not in io_regs and b not in io_lanes]
+    return _stage_plan(io_regs, io_lanes, io_warps, total, log_n, register_bits)
+
+
+def _stage_plan(io_regs: list, io_lanes: list, io_warps: list, total: int, log_n: int,
+                register_bits: int, first: int = 0) -> dict:
+    """The constexprs of a tile of 2^total elements whose rows are 2^log_n long, given its IO
+    layout's register, lane and warp bits: the IO layout and the stages that bring every
+    butterfly bit first..first+log_n-1 into registers in turn (stage 0 is the IO layout). Bits
+    below `first` (the kron kernel's slice bits) stay in registers in every stage."""
 
     def layout(regs, lanes, warps):
         assert sorted(regs + lanes + warps) == list(range(total)), (regs, lanes, warps)
@@ -181,27 +393,30 @@ def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -
             reg_bases=[[1 << b] for b in regs], lane_bases=[[1 << b] for b in lanes],
             warp_bases=[[1 << b] for b in warps], block_bases=[], shape=[1 << total])
 
+    fixed = list(range(first))
+    assert all(b in io_regs for b in fixed), io_regs
     io_layout = layout(io_regs, io_lanes, io_warps)
-    stages = []  # (layout, first bit, end bit)
+    stages = []  # (layout, end bit)
     current, current_regs = io_layout, io_regs
-    b = 0
-    while b < log_n:
+    last = first + log_n
+    b = first
+    while b < last:
         if b in io_regs and b not in current_regs:
             current, current_regs = io_layout, io_regs
         elif b not in current_regs:
-            stop = min([log_n, b + register_bits] + [i for i in io_regs if i > b])
-            regs = list(range(b, stop))
+            stop = min([last, b + register_bits - first] + [i for i in io_regs if i > b])
+            regs = fixed + list(range(b, stop))
             rest = [i for i in range(total) if i not in regs]
             regs += rest[: register_bits - len(regs)]
             rest = [i for i in range(total) if i not in regs]
             current, current_regs = layout(regs, rest[:LANE_BITS], rest[LANE_BITS:]), regs
         end = b
-        while end < log_n and end in current_regs:
+        while end < last and end in current_regs:
             end += 1
         stages.append((current, end))
         b = end
-    if len(stages) > MAX_STAGES:  # pragma: no cover - not reachable for log_n <= 15
-        raise ValueError(f"walsh_plan: {len(stages)} stages for 2^{log_n}")
+    if len(stages) > MAX_STAGES:
+        raise ValueError(f"{len(stages)} layout stages for rows of 2^{log_n} (at most {MAX_STAGES})")
     consts = {"IO_LAYOUT": io_layout, "N_STAGES": len(stages), "LOG_N": log_n, "M": 1 << total}
     for k in range(MAX_STAGES):
         stage_layout, end = stages[min(k, len(stages) - 1)]
@@ -210,9 +425,9 @@ def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -
     return consts
 
 
-def stage_register_bits(consts: dict) -> list[tuple[list[int], int, int]]:
-    """For tests: each stage's register bits and bit range [first, end)."""
-    out, first = [], 0
+def stage_register_bits(consts: dict, first: int = 0) -> list[tuple[list[int], int, int]]:
+    """For tests: each stage's register bits and bit range [first, end) (levels from `first`)."""
+    out = []
     for k in range(consts["N_STAGES"]):
         regs = [basis[0].bit_length() - 1 for basis in consts[f"S{k}"].reg_bases]
         out.append((regs, first, consts[f"E{k}"]))

@@ -14,8 +14,12 @@ dtype with round-to-nearest-even.
 
 `try_rotated_quantize` computes R^-1 Q(R x). For a Walsh rotation (n = 2^m, 2^8..2^15) on CUDA
 it runs `_gluon_mx`: the reference's fp32 butterflies in the reference's order, in registers,
-so the result is bit-exact (see that module). Every other +-1 Kronecker rotation
-(R = s (A kron B), e.g. H_12 kron H_128) runs the MMA kernel, in two MMA stages per direction
+so the result is bit-exact (see that module). A rotation R = s (A kron H_P) with A a +-1 matrix
+of order K = 12, 20, ..., 40 (H_12 kron H_128 = 1536, H_36 kron H_16 = 576) runs the Gluon kron
+kernel on CUDA: the butterflies on each of the K slices of a row, and A as add/subtract of
+slices in registers (`_gluon_mx.mx_kron_rotated_kernel`); like the MMA kernel it agrees with
+the reference to fp32 rounding, not bit for bit. Every other +-1 Kronecker rotation
+(R = s (A kron B)), and all of them in Triton's CPU interpreter, runs the MMA kernel, in two MMA stages per direction
 on the tensor cores: the +-1 Hadamard factors and 16-bit activations (and the quantized values)
 are exact MMA inputs, the fp32 intermediate between the stages is split into three bf16 pieces
 (all 24 significand bits), and the normalization is one fp32 multiply. Like the reference path
@@ -32,8 +36,9 @@ loaded once and stored once, so the plain kernel runs at close to copy bandwidth
 fp16, 66-69 % at 4096 and 59-61 % at 8192; bf16 51-70 % (41-48 instructions per element, 2 log2 n
 = 22-26 of them butterfly adds; time followed the count, and at n = 2048 Nsight Compute saw 68 %
 of issue slots busy at 25 % occupancy: benchmarks/walsh_sass.md, benchmarks/h100/walsh_direct.md,
-benchmarks/h100/ncu_walsh.md); the MMA kernel 19-26 %, bound by shared-memory layout traffic
-between its MMA stages (benchmarks/h100/ncu_rotated.md).
+benchmarks/h100/ncu_walsh.md); the kron kernel 49 % at 1536 and 31-34 % at 576 (fp16; bf16
+41 % and 30-34 %: benchmarks/h100/kron_sweep.md), where the MMA kernel, bound by shared-memory
+layout traffic between its MMA stages (benchmarks/h100/ncu_rotated.md), ran 26 % and 19 %.
 """
 
 from __future__ import annotations
@@ -533,17 +538,99 @@ def _cached_plan(rotation, device) -> _RotationPlan | None:
 _NOT_BUILT = object()
 
 
+@dataclass(frozen=True)
+class _KronPlan:
+    """R = scale * (A kron H_P) and R^-1 = scale * (A' kron H_P), A and A' +-1 K x K matrices
+    (A' = A^T for an orthogonal R) and H_P the Sylvester Walsh matrix, P = 2^log_p: the Gluon
+    kron kernel's constants (`_gluon_mx.kron_mix` codes A and A')."""
+
+    k: int
+    log_p: int
+    register_bits: int
+    forward_terms: tuple
+    forward_flip: tuple
+    inverse_terms: tuple
+    inverse_flip: tuple
+    scale: float
+
+
+def _kron_register_bits(k: int) -> int:
+    """log2 of the values per slice per thread: as many as KRON_MAX_VALUES allows over K
+    slices, at most 8 (16-byte fp16 accesses); 0 = the kernel does not take K."""
+    bits = min(3, math.floor(math.log2(KRON_MAX_VALUES / k)))
+    return bits if bits >= 1 else 0
+
+
+def _build_kron_plan(rotation) -> _KronPlan | None:
+    """Write R as scale * (A kron H_P) with A of even order K, not a power of two (those are
+    Walsh rotations: the bit-exact Walsh kernel or the MMA kernel), taking the largest P for
+    which the rotation's own forward and inverse maps factor so (checked as
+    `_build_rotation_plan` checks them), or None."""
+    n = getattr(rotation, "n", None)
+    if not isinstance(n, int) or n < 2:
+        return None
+    p = n & -n
+    while p >= 2:
+        k = n // p
+        if k % 2 == 0 and k & (k - 1) and _kron_register_bits(k):
+            plan = _kron_plan_for(rotation, k, p)
+            if plan is not None:
+                return plan
+        p //= 2
+    return None
+
+
+def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
+    from mxptq.nn.hadamard import fwht  # here: mxptq.nn imports mxptq.formats
+
+    n = k * p
+    register_bits = _kron_register_bits(k)
+    try:
+        _gluon_mx.kron_plan(p.bit_length() - 1, KRON_NUM_WARPS, register_bits)
+    except ValueError:
+        return None
+    sylvester = fwht(torch.eye(p, dtype=torch.float64), normalize=False)
+    codes, scales = [], []
+    for which in ("forward", "inverse"):
+        factors = _factor_kron(rotation, which, n, p)
+        if factors is None:
+            return None
+        (a_int, a_scale), (b_int, b_scale) = (_integerize(f) or (None, 0.0) for f in factors)
+        if a_int is None or b_int is None or not (a_int.abs() == 1).all():
+            return None
+        if torch.equal(b_int, -sylvester):  # the same map: A and B both negated
+            a_int, b_int = -a_int, -b_int
+        if not torch.equal(b_int, sylvester):
+            return None
+        codes.append(_gluon_mx.kron_mix(a_int.long().tolist()))
+        scales.append(a_scale * b_scale)
+    if abs(scales[0] - scales[1]) > 1e-12 * scales[0]:
+        return None  # the kernel has one normalization for both directions
+    (forward_terms, forward_flip), (inverse_terms, inverse_flip) = codes
+    return _KronPlan(k=k, log_p=p.bit_length() - 1, register_bits=register_bits, forward_terms=forward_terms,
+                     forward_flip=forward_flip, inverse_terms=inverse_terms, inverse_flip=inverse_flip,
+                     scale=scales[0])
+
+
 class _PlanEntry:
     """Per (rotation object, device): whether the Gluon Walsh kernel applies (decided once), and
     the MMA kernel's plan, built on first use (a Walsh rotation needs it only as the fallback)."""
 
-    __slots__ = ("_plan", "device", "rotation", "walsh")
+    __slots__ = ("_kron", "_plan", "device", "rotation", "walsh")
 
     def __init__(self, rotation, device: torch.device) -> None:
         self.rotation = rotation
         self.device = device
         self.walsh = HAVE_GLUON and _is_walsh(rotation)
         self._plan = _NOT_BUILT
+        self._kron = _NOT_BUILT
+
+    @property
+    def kron(self) -> _KronPlan | None:
+        """The Gluon kron kernel's factors (None: not A kron H_P, or the kernel cannot take it)."""
+        if self._kron is _NOT_BUILT:
+            self._kron = _build_kron_plan(self.rotation) if HAVE_GLUON and not self.walsh else None
+        return self._kron
 
     @property
     def plan(self) -> _RotationPlan | None:
@@ -577,6 +664,7 @@ def clear_caches() -> None:
     builder or the tuning constants)."""
     _cached_plan.cache_clear()
     _walsh_plan.cache_clear()
+    _kron_tile.cache_clear()
     _PLAN_ENTRIES.clear()
     _FORMAT_ENTRIES.clear()
 
@@ -608,6 +696,13 @@ WALSH_DEFAULT_CONFIG = (4, 6, 8, 0)
 WALSH_LOG_N_RANGE = (8, 15)
 # Tests switch this off to run the MMA kernel on Walsh sizes too.
 USE_WALSH_KERNEL = True
+# Kron kernel (Gluon) for R = s (A kron H_P), A a +-1 K x K matrix: warps, persistent programs per
+# SM, and the values per thread across the K slices (K * 2^register_bits; `_kron_register_bits`).
+# The H_12 kron H_128 tile (96 values, 8 per slice) compiles to ~150 registers for fp16 on sm_90.
+KRON_NUM_WARPS = 4
+KRON_PROGRAMS_PER_SM = 8
+KRON_MAX_VALUES = 96
+USE_KRON_KERNEL = True
 # (device, row length, dtype) -> the error of a Gluon kernel that failed to compile or launch
 # there (a Triton whose experimental Gluon API differs): that case then runs the MMA kernel,
 # with one warning.
@@ -717,6 +812,13 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)
     # 1 / sqrt(n) as the reference's fp32 multiply uses it (a Python float, rounded to fp32)
     args = (x, y, n_rows, n_tiles, 1.0 / math.sqrt(n))
+    return y if _launch_gluon(config, grid, args, failure_key, "Walsh") else None
+
+
+def _launch_gluon(config: _LaunchConfig, grid: tuple, args: tuple, failure_key: tuple, what: str) -> bool:
+    """Launch a Gluon kernel; on an error (a Triton whose experimental Gluon API differs) record
+    it in GLUON_FAILURES, warn once and return False, so that the MMA kernel serves the call."""
+    x = args[0]
     try:
         with _on_device(x):
             _launch(config, grid, args)
@@ -725,11 +827,51 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
             raise
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         GLUON_FAILURES[failure_key] = message
-        warnings.warn(f"mxptq: the Gluon Walsh kernel failed for rows of {n} {x.dtype} on {x.device} "
+        warnings.warn(f"mxptq: the Gluon {what} kernel failed for rows of {failure_key[1]} {x.dtype} on {x.device} "
                       f"({message}); the MMA kernel serves them (within fp32 rounding, not bit-exact)",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=32)
+def _kron_tile(log_p: int, num_warps: int, register_bits: int) -> tuple[dict, int]:
+    """The kron kernel's layout constexprs for slices of 2^log_p, and rows per tile (M counts
+    the elements of four joined slice tiles)."""
+    plan = _gluon_mx.kron_plan(log_p, num_warps, register_bits)
+    return plan, (plan["M"] // 4) >> log_p
+
+
+def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) -> torch.Tensor | None:
+    """The Gluon kron kernel (`_gluon_mx.mx_kron_rotated_kernel`), or None where it does not
+    apply: an MX block must lie in one slice or cover whole slices of one group."""
+    block = fmt.block_size
+    p = 1 << kron.log_p
+    if block & (block - 1) or (block > p and kron.k % (block // p)) or not x.is_cuda or entry.spec.nonfinite != 0:
         return None
-    return y
+    n = kron.k * p
+    failure_key = (x.device, n, x.dtype)
+    if failure_key in GLUON_FAILURES:
+        return None
+    plan, rows_per_tile = _kron_tile(kron.log_p, KRON_NUM_WARPS, kron.register_bits)
+    x = x.contiguous()
+    n_rows = x.numel() // n
+    even = n_rows % rows_per_tile == 0
+    key = ("kron", kron, x.dtype, x.device, KRON_NUM_WARPS, even)
+    config = entry.configs.get(key)
+    if config is None:
+        io = _triton_mx.IO_BF16_NATIVE if x.dtype == torch.bfloat16 else _IO_CODES[x.dtype]
+        config = entry.configs[key] = _LaunchConfig(
+            _gluon_mx.mx_kron_rotated_kernel, 5,
+            dict(plan, EVEN=even, K=kron.k, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
+                 INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
+                 **entry.constexprs),
+            KRON_NUM_WARPS)
+    n_tiles = -(-n_rows // rows_per_tile)
+    y = torch.empty_like(x)
+    grid = (min(n_tiles, _sm_count(x.device) * KRON_PROGRAMS_PER_SM), 1, 1)
+    args = (x, y, n_rows, n_tiles, kron.scale)
+    return y if _launch_gluon(config, grid, args, failure_key, "kron") else None
 
 
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
@@ -748,6 +890,10 @@ def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None
     plan_entry = _plan_entry(rotation, x.device)
     if USE_WALSH_KERNEL and plan_entry.walsh:
         y = _walsh_rotated(x, entry, fmt, rotation)
+        if y is not None:
+            return y
+    if USE_KRON_KERNEL and x.is_cuda and plan_entry.kron is not None:
+        y = _kron_rotated(x, entry, fmt, plan_entry.kron)
         if y is not None:
             return y
     plan = plan_entry.plan

@@ -207,7 +207,8 @@ def test_rotated_quantize_either_stage_order_over_several_tiles(monkeypatch, n: 
         return dataclasses.replace(plan, a_first=a_first and plan.a_dim > 1)
 
     monkeypatch.setattr(kernels, "_build_rotation_plan", forced)
-    monkeypatch.setattr(kernels, "USE_WALSH_KERNEL", False)  # 2048 would take the Gluon kernel on CUDA
+    monkeypatch.setattr(kernels, "USE_WALSH_KERNEL", False)  # 2048 would take the Gluon kernels on CUDA,
+    monkeypatch.setattr(kernels, "USE_KRON_KERNEL", False)  # 576 and 1536 too
     kernels.clear_caches()
     try:
         fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)

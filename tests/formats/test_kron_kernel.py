@@ -1,0 +1,237 @@
+"""The Gluon kron-rotated MX kernel (`_gluon_mx.mx_kron_rotated_kernel`), R = s (A kron H_P).
+
+Independent expectations:
+- the factorization and the mixing code (CPU): the kernel's algorithm, replayed in float64 torch
+  from the plan's constants (`_replay` below: the butterflies of `mxptq.nn.hadamard.fwht` on
+  each slice, then `_gluon_mx._mix`'s pair sums term by term), must equal the rotation's own
+  forward and inverse maps;
+- the layout plan (CPU): every butterfly level runs while its bit is a register bit;
+- the kernel (CUDA only; the device tool): the reference path
+  `rotation.inverse(quantize_reference(rotation.forward(x)))` up to the documented tolerance of
+  a rotation that is not bit-exact (kernels.py docstring: R x agrees to fp32 rounding, so rare
+  elements flip to the neighbouring grid point).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+gluon_mx = pytest.importorskip("mxptq.formats._gluon_mx", exc_type=ImportError)
+
+from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels, quantize_reference
+from mxptq.nn import hadamard
+
+HAS_CUDA = torch.cuda.is_available()
+KRON_SIZES = [576, 1536, 96, 2560, 3072]  # H_36 x H_16, H_12 x H_128, H_12 x H_8, H_20 x H_128, H_12 x H_256
+
+
+def _replay(x: torch.Tensor, plan, terms, flip) -> torch.Tensor:
+    """The kernel's transform in float64: butterflies on every slice, then the pair-sum mix."""
+    k, p = plan.k, 1 << plan.log_p
+    slices = hadamard.fwht(x.reshape(-1, k, p), normalize=False)
+    half = k // 2
+    pairs = []
+    for i in range(half):
+        pairs += [slices[:, 2 * i] + slices[:, 2 * i + 1], slices[:, 2 * i] - slices[:, 2 * i + 1]]
+    out = []
+    for j in range(k):
+        acc = pairs[terms[j * half] >> 1]
+        for code in terms[j * half + 1:(j + 1) * half]:
+            acc = acc - pairs[code >> 1] if code & 1 else acc + pairs[code >> 1]
+        out.append(-acc if flip[j] else acc)
+    return torch.stack(out, 1).reshape(x.shape) * plan.scale
+
+
+@pytest.mark.parametrize("n", KRON_SIZES)
+def test_kron_plan_replays_the_rotations_forward_and_inverse_maps(n) -> None:
+    rotation = hadamard.get_rotation(n, block_size=32)
+    plan = kernels._build_kron_plan(rotation)
+    assert plan is not None and plan.k == rotation.k and 1 << plan.log_p == rotation.pow2
+    x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(_replay(x, plan, plan.forward_terms, plan.forward_flip), rotation.forward(x))
+    torch.testing.assert_close(_replay(x, plan, plan.inverse_terms, plan.inverse_flip), rotation.inverse(x))
+
+
+def test_kron_mix_codes_rows_without_a_positive_pair_as_flipped() -> None:
+    """-H_12 has rows whose every pair term is negative; the code must sum those positively and
+    flip the row, and still give -H_12 x."""
+    h = torch.from_numpy(hadamard.hadamard_k(12)).long()
+    for matrix in (h, -h):
+        terms, flip = gluon_mx.kron_mix(matrix.tolist())
+        assert all(terms[j * 6] & 1 == 0 for j in range(12)), "each row starts with a positive term"
+        x = torch.randn(3, 12, 4, dtype=torch.float64)
+        pairs = [v for i in range(6) for v in (x[:, 2 * i] + x[:, 2 * i + 1], x[:, 2 * i] - x[:, 2 * i + 1])]
+        rows = []
+        for j in range(12):
+            acc = sum((-pairs[c >> 1] if c & 1 else pairs[c >> 1]) for c in terms[j * 6:(j + 1) * 6])
+            rows.append(-acc if flip[j] else acc)
+        torch.testing.assert_close(torch.stack(rows, 1), torch.einsum("jk,bkp->bjp", matrix.double(), x))
+    assert any(gluon_mx.kron_mix((-h).tolist())[1])
+    with pytest.raises(ValueError, match="square"):
+        gluon_mx.kron_mix([[1, 1, 1], [1, -1, 1], [1, 1, -1]])  # odd order
+
+
+def test_only_kron_rotations_the_kernel_can_hold_qualify() -> None:
+    assert kernels._build_kron_plan(hadamard.get_rotation(2048)) is None  # Walsh: K a power of two
+    assert kernels._build_kron_plan(hadamard.get_rotation(1152)) is None  # H_36 x H_32: too many stages
+    assert kernels._build_kron_plan(hadamard.get_rotation(11008)) is None  # K = 172: too many values
+    assert kernels._build_kron_plan(hadamard.KeyAxisRotation(32)) is None  # no fixed size
+
+
+@pytest.mark.parametrize("log_p,register_bits", [(7, 3), (8, 3), (3, 3), (4, 1), (7, 2)])
+def test_kron_plan_runs_every_level_in_registers(log_p, register_bits) -> None:
+    plan = gluon_mx.kron_plan(log_p, 4, register_bits)
+    io = plan["SLICE_LAYOUT"]
+    assert [b[0].bit_length() - 1 for b in io.reg_bases] == list(range(register_bits)), "IO: consecutive elements"
+    assert plan["VECTOR"] == 1 << register_bits
+    levels = []
+    for regs, first, end in gluon_mx.stage_register_bits(plan, first=2):
+        assert first < end and all(b in regs for b in range(first, end)), "a level off registers"
+        levels.extend(range(first, end))
+    assert sorted(levels) == list(range(2, log_p + 2)), "bits 0-1 are the slice within a group of four"
+    assert all(b in regs for regs, _, _ in gluon_mx.stage_register_bits(plan, first=2) for b in (0, 1))
+    # a slice tile: 4 warps x 32 lanes x 2^register_bits values, rows of 2^log_p
+    assert kernels._kron_tile(log_p, 4, register_bits)[1] == max(1, (128 << register_bits) >> log_p)
+
+
+def test_dispatch_sends_kron_rotations_to_the_kron_kernel_on_cuda_only(monkeypatch) -> None:
+    """Routing: a stand-in records the calls and declines, after which the MMA kernel serves;
+    CPU tensors (Triton's interpreter) never ask the Gluon kernel, nor does the off switch."""
+    calls = []
+    monkeypatch.setattr(kernels, "_kron_rotated", lambda x, entry, fmt, kron: calls.append((x.device.type, kron.k)))
+    monkeypatch.setattr(kernels, "HAVE_GLUON", True)
+    kernels.clear_caches()
+    try:
+        fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)
+        rotation = hadamard.get_rotation(1536, block_size=32)
+        entry = kernels._plan_entry(rotation, torch.device("cuda" if HAS_CUDA else "cpu"))
+        assert entry.kron is not None and entry.kron.k == 12 and not entry.walsh
+        if HAS_CUDA:
+            x = torch.randn(4, 1536, device="cuda")
+            assert kernels.rotated_fake_quantize(x, fmt, rotation) is not None  # served by the MMA kernel
+            assert calls == [("cuda", 12)]
+            monkeypatch.setattr(kernels, "USE_KRON_KERNEL", False)
+            kernels.rotated_fake_quantize(x, fmt, rotation)
+            assert calls == [("cuda", 12)], "switched off, the kron kernel must not be asked"
+    finally:
+        kernels.clear_caches()
+
+
+FORMATS = [
+    Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL),
+    Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.SYMMETRIC),
+    Format(ELEMENT_FORMATS["int8"], 32, ScaleRule.OCP),
+    Format(ELEMENT_FORMATS["e2m1"], 32, ScaleRule.OCP),
+    Format(ELEMENT_FORMATS["e4m3"], 32, ScaleRule.OCP),
+    Format(ELEMENT_FORMATS["e5m2"], 32, ScaleRule.OCP),
+]
+
+
+def _rows(rows: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=gen) * torch.logspace(-3, 2, rows)[:, None]  # finite in fp16
+    x[:, 5] *= 40.0  # an outlier channel
+    x[0] = 0.0  # an all-zero row: zero blocks
+    return x.to(dtype).cuda()
+
+
+def _reference(x: torch.Tensor, fmt: Format, rotation) -> torch.Tensor:
+    return rotation.inverse(quantize_reference(rotation.forward(x), fmt))
+
+
+def _ran_kron(fmt: Format, n: int, dtype: torch.dtype) -> bool:
+    return any(key[0] == "kron" and key[1].k << key[1].log_p == n and key[2] == dtype
+               for key in kernels._format_entry(fmt).configs)
+
+
+def _assert_close_to_reference(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    """A flip moves one element of R x by one step of its block's grid, which the orthogonal
+    R^T carries back as a difference of the same norm; a row's quantization error is about
+    sqrt(n / 12) such steps. So: over the whole tensor, differences of at most 5 % of the
+    quantization error, none in an all-zero row, at most a third of it in any row (a few flips),
+    and under 1 % of elements off by more than fp32 rounding."""
+    assert got is not None, f"{what}: not covered"
+    got, ref, x = got.float().cpu(), ref.float().cpu(), x.float().cpu()
+    err = (ref - x).norm(dim=1)
+    diff = (got - ref).norm(dim=1)
+    assert float(diff.norm()) <= 0.05 * float(err.norm()), f"{what}: differences beyond rare flips"
+    assert bool((diff <= err / 3).all()), f"{what}: a row differs beyond a few flips"
+    scale = x.abs().amax(dim=1, keepdim=True)
+    assert float((got - ref).abs().gt(1e-3 * scale).float().mean()) < 0.01, f"{what}: too many flips"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n", KRON_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_kron_kernel_matches_the_reference_every_size_and_dtype(n, dtype) -> None:
+    rotation = hadamard.get_rotation(n, block_size=32)
+    fmt = FORMATS[0]
+    for rows in (37, 64):  # a ragged last tile (masked) and whole tiles
+        x = _rows(rows, n, dtype, seed=n + rows)
+        _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation),
+                                   x, f"n={n} rows={rows}")
+    assert not kernels.GLUON_FAILURES
+    assert _ran_kron(fmt, n, dtype), "the kron kernel did not run"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n", [576, 1536])
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.element.name}-{f.scale_rule.value}")
+def test_kron_kernel_matches_the_reference_every_format(n, fmt) -> None:
+    rotation = hadamard.get_rotation(n, block_size=32)
+    x = _rows(48, n, torch.float16, seed=3)
+    _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), x,
+                               str(fmt))
+    assert _ran_kron(fmt, n, torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n,block_size", [(576, 16), (576, 64), (1536, 16), (1536, 128)])
+def test_kron_kernel_blocks_within_and_across_slices(n, block_size) -> None:
+    """576 has slices of 16: a block of 64 covers 4 slices, one of 16 exactly one; 1536 has
+    slices of 128: blocks of 16 and 128 lie within one."""
+    fmt = Format(ELEMENT_FORMATS["e2m1"], block_size, ScaleRule.OCP)
+    rotation = hadamard.get_rotation(n, block_size=32)
+    x = _rows(20, n, torch.bfloat16, seed=block_size)
+    _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), x,
+                               f"block {block_size}")
+    assert _ran_kron(fmt, n, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference() -> None:
+    fmt = FORMATS[0]
+    rotation = hadamard.get_rotation(1536, block_size=32)
+    x = _rows(8, 1536, torch.float16, seed=9)
+    x[2, 17] = float("nan")
+    x[5, 300] = float("inf")
+    got = kernels.rotated_fake_quantize(x, fmt, rotation)
+    ref = _reference(x, fmt, rotation)
+    assert bool(got[2].isnan().all()) and bool(got[5].isnan().all()) and bool(ref[5].isnan().all())
+    keep = [0, 1, 3, 4, 6, 7]
+    assert not bool(got[keep].isnan().any())
+    _assert_close_to_reference(got[keep], ref[keep], x[keep], "finite rows")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
+    monkeypatch.setattr(kernels, "KRON_PROGRAMS_PER_SM", 1)
+    kernels.clear_caches()
+    try:
+        fmt = FORMATS[0]
+        rotation = hadamard.get_rotation(1536, block_size=32)
+        for rows in (45, 45, 46):  # several tiles of 8 rows, the last ragged; repeated; a new size
+            x = _rows(rows, 1536, torch.float16, seed=rows)
+            _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation),
+                                       _reference(x, fmt, rotation), x, f"rows={rows}")
+        assert _ran_kron(fmt, 1536, torch.float16)
+    finally:
+        kernels.clear_caches()
