@@ -183,15 +183,19 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
 
 
 def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
-    """The Gluon kron kernel's (warps, programs per SM, values per thread over the K slices)."""
-    names = ("KRON_NUM_WARPS", "KRON_PROGRAMS_PER_SM", "KRON_MAX_VALUES")
-    defaults = tuple(getattr(kernels, name) for name in names)
-    for setting in ((4, 2, 96), (4, 3, 96), (4, 4, 96), (4, 8, 96), (8, 2, 96), (8, 4, 96), (4, 4, 48),
-                    (4, 8, 48), (4, 4, 160), (4, 2, 160)):
-        for name, value in zip(names, setting):
-            setattr(kernels, name, value)
+    """The Gluon kron kernel's (warps, programs per SM, values per thread over the K slices,
+    register cap): a cap of 0 is ptxas's choice; 128 / 96 / 80 registers let 4 / 5 / 6
+    programs of 4 warps share an SM."""
+    dtype = DTYPES[dtype_name]
+    default, default_values = kernels.KRON_CONFIGS.get(dtype), kernels.KRON_MAX_VALUES
+    for setting in ((4, 8, 96, 0), (4, 3, 96, 0), (4, 4, 96, 128), (4, 8, 96, 128), (4, 5, 96, 96),
+                    (4, 10, 96, 96), (4, 6, 96, 80), (4, 12, 96, 80), (8, 2, 96, 128), (8, 4, 96, 128),
+                    (8, 3, 96, 80)):
+        warps, per_sm, values, cap = setting
+        kernels.KRON_CONFIGS[dtype] = (warps, per_sm, cap)
+        kernels.KRON_MAX_VALUES = values
         kernels.clear_caches()
-        label = f"kron warps={setting[0]} programs/SM={setting[1]} values/thread<={setting[2]}"
+        label = f"kron warps={warps} programs/SM={per_sm} values/thread<={values} registers<={cap or '-'}"
         try:
             if kernels._build_kron_plan(rot) is None:
                 raise RuntimeError("no kron plan")
@@ -203,8 +207,11 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
             print(f"| {n} | {dtype_name} | {fmt_name} | {label} | failed: {type(exc).__name__} | |", flush=True)
             continue
         print(f"| {n} | {dtype_name} | {fmt_name} | {label} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
-    for name, value in zip(names, defaults):
-        setattr(kernels, name, value)
+    if default is None:
+        kernels.KRON_CONFIGS.pop(dtype, None)
+    else:
+        kernels.KRON_CONFIGS[dtype] = default
+    kernels.KRON_MAX_VALUES = default_values
     kernels.clear_caches()
 
 

@@ -586,7 +586,8 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
     n = k * p
     register_bits = _kron_register_bits(k)
     try:
-        _gluon_mx.kron_plan(p.bit_length() - 1, KRON_NUM_WARPS, register_bits)
+        for num_warps in {config[0] for config in (*KRON_CONFIGS.values(), KRON_DEFAULT_CONFIG)}:
+            _gluon_mx.kron_plan(p.bit_length() - 1, num_warps, register_bits)
     except ValueError:
         return None
     sylvester = fwht(torch.eye(p, dtype=torch.float64), normalize=False)
@@ -699,8 +700,12 @@ USE_WALSH_KERNEL = True
 # Kron kernel (Gluon) for R = s (A kron H_P), A a +-1 K x K matrix: warps, persistent programs per
 # SM, and the values per thread across the K slices (K * 2^register_bits; `_kron_register_bits`).
 # The H_12 kron H_128 tile (96 values, 8 per slice) compiles to ~150 registers for fp16 on sm_90.
-KRON_NUM_WARPS = 4
-KRON_PROGRAMS_PER_SM = 8
+# (num_warps, programs per SM, register cap (maxnreg; 0 = ptxas's choice)) by activation dtype,
+# from the sweep on an H100 (benchmarks/h100/kron_sweep.md): fp16 ran fastest on 8 warps capped
+# at 128 registers (1536: 73.3 -> 68.1 us, 576: 37.3 -> 36.4 us), bf16 without a cap (a cap cost
+# 1536 bf16 12 %).
+KRON_CONFIGS = {torch.float16: (8, 4, 128)}
+KRON_DEFAULT_CONFIG = (4, 8, 0)
 KRON_MAX_VALUES = 96
 USE_KRON_KERNEL = True
 # (device, row length, dtype) -> the error of a Gluon kernel that failed to compile or launch
@@ -853,11 +858,12 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     failure_key = (x.device, n, x.dtype)
     if failure_key in GLUON_FAILURES:
         return None
-    plan, rows_per_tile = _kron_tile(kron.log_p, KRON_NUM_WARPS, kron.register_bits)
+    num_warps, programs_per_sm, max_registers = KRON_CONFIGS.get(x.dtype, KRON_DEFAULT_CONFIG)
+    plan, rows_per_tile = _kron_tile(kron.log_p, num_warps, kron.register_bits)
     x = x.contiguous()
     n_rows = x.numel() // n
     even = n_rows % rows_per_tile == 0
-    key = ("kron", kron, x.dtype, x.device, KRON_NUM_WARPS, even)
+    key = ("kron", kron, x.dtype, x.device, num_warps, max_registers, even)
     config = entry.configs.get(key)
     if config is None:
         io = _triton_mx.IO_BF16_NATIVE if x.dtype == torch.bfloat16 else _IO_CODES[x.dtype]
@@ -866,10 +872,11 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
             dict(plan, EVEN=even, K=kron.k, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
                  INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
                  **entry.constexprs),
-            KRON_NUM_WARPS)
+            num_warps,
+            {"maxnreg": max_registers} if max_registers else None)
     n_tiles = -(-n_rows // rows_per_tile)
     y = torch.empty_like(x)
-    grid = (min(n_tiles, _sm_count(x.device) * KRON_PROGRAMS_PER_SM), 1, 1)
+    grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)
     args = (x, y, n_rows, n_tiles, kron.scale)
     return y if _launch_gluon(config, grid, args, failure_key, "kron") else None
 

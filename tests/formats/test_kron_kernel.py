@@ -223,7 +223,7 @@ def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference() -> None:
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
-    monkeypatch.setattr(kernels, "KRON_PROGRAMS_PER_SM", 1)
+    monkeypatch.setitem(kernels.KRON_CONFIGS, torch.float16, (4, 1, 0))
     kernels.clear_caches()
     try:
         fmt = FORMATS[0]
