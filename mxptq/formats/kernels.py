@@ -36,9 +36,10 @@ loaded once and stored once, so the plain kernel runs at close to copy bandwidth
 fp16, 66-69 % at 4096 and 59-61 % at 8192; bf16 51-70 % (41-48 instructions per element, 2 log2 n
 = 22-26 of them butterfly adds; time followed the count, and at n = 2048 Nsight Compute saw 68 %
 of issue slots busy at 25 % occupancy: benchmarks/walsh_sass.md, benchmarks/h100/walsh_direct.md,
-benchmarks/h100/ncu_walsh.md); the kron kernel 49 % at 1536 and 31-34 % at 576 (fp16; bf16
-41 % and 30-34 %: benchmarks/h100/kron_sweep.md), where the MMA kernel, bound by shared-memory
-layout traffic between its MMA stages (benchmarks/h100/ncu_rotated.md), ran 26 % and 19 %.
+benchmarks/h100/ncu_walsh.md); the kron kernel 51-53 % at 1536 and 32-33 % at 576 (fp16; bf16
+39-41 % and 28-30 %), latency-bound at 3-4 programs per SM (benchmarks/h100/ncu_kron.md), where
+the MMA kernel, bound by shared-memory layout traffic between its MMA stages
+(benchmarks/h100/ncu_rotated.md), ran 25-26 % and 18-19 % (benchmarks/h100/bench_kernels.md).
 """
 
 from __future__ import annotations
