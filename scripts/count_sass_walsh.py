@@ -1,9 +1,11 @@
-"""SASS instruction counts of the Gluon Walsh-rotated kernel, compiled for sm_90 without a GPU.
+"""SASS instruction counts of the Gluon rotated kernels (Walsh; kron with --kron-n), compiled for
+sm_90 without a GPU.
 
 Usage (any machine with Triton >= 3.6 and its bundled ptxas / cuobjdump):
 
     python scripts/count_sass_walsh.py [--log-n 11] [--warps 4] [--register-bits 6]
                                        [--dtype fp16|bf16|fp32] [--format MXINT4|MXFP4|MXFP8]
+    python scripts/count_sass_walsh.py --kron-n 1536 [--dtype ...]   # the kron kernel, KRON_CONFIGS settings
     python scripts/count_sass_walsh.py --check-all     # every length the dispatch uses, JSON lines
 
 Prints the kernel's register count and its SASS instructions, total and per element of the
@@ -35,18 +37,15 @@ POINTERS = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def compile_sm90(log_n: int, warps: int, register_bits: int, dtype: str = "fp16", fmt: str = "MXINT4",
-                 even: bool = True, max_registers: int = 0):
-    """Compile the kernel for sm_90 here (no GPU): (CompiledKernel, SASS text, resource usage text)."""
-    plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)
+def _compile(kernel, constexprs: dict, dtype: str, warps: int, max_registers: int):
+    """(CompiledKernel, SASS text, resource usage text) of a rotated Gluon kernel for sm_90."""
     pointer = POINTERS[dtype]
-    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]),
-                                           warps)
     signature = {"x_ptr": pointer, "y_ptr": pointer, "n_rows": "i32", "n_tiles": "i32", "scale": "fp32"}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
-    source = GluonASTSource(fn=_gluon_mx.mx_walsh_rotated_kernel, signature=signature, constexprs=constexprs,
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                             attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **({"maxnreg": max_registers} if max_registers else {})})
+    options = {"num_warps": warps, **({"maxnreg": max_registers} if max_registers else {})}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -57,6 +56,32 @@ def compile_sm90(log_n: int, warps: int, register_bits: int, dtype: str = "fp16"
     return compiled, sass, usage
 
 
+def compile_sm90(log_n: int, warps: int, register_bits: int, dtype: str = "fp16", fmt: str = "MXINT4",
+                 even: bool = True, max_registers: int = 0):
+    """Compile the Walsh kernel for sm_90 here (no GPU): (CompiledKernel, SASS text, resource usage text)."""
+    plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)
+    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]),
+                                           warps)
+    return _compile(_gluon_mx.mx_walsh_rotated_kernel, constexprs, dtype, warps, max_registers)
+
+
+def compile_kron_sm90(n: int, dtype: str = "fp16", fmt: str = "MXINT4", even: bool = True):
+    """Compile the kron kernel for rows of n (a kron rotation of mxptq.nn.hadamard) with the
+    settings kernels.KRON_CONFIGS gives dtype: (CompiledKernel, SASS, usage, values per thread)."""
+    from mxptq.nn.hadamard import get_rotation
+
+    kron = kernels._build_kron_plan(get_rotation(n, block_size=32))
+    if kron is None:
+        raise SystemExit(f"rows of {n}: the kron kernel does not take them")
+    warps, _per_sm, max_registers = kernels.KRON_CONFIGS.get(DTYPES[dtype], kernels.KRON_DEFAULT_CONFIG)
+    plan, _rows_per_tile = kernels._kron_tile(kron.log_p, warps, kron.register_bits)
+    constexprs = kernels._kron_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]), kron)
+    compiled, sass, usage = _compile(_gluon_mx.mx_kron_rotated_kernel, constexprs, dtype, warps, max_registers)
+    return compiled, sass, usage, kron.k << kron.register_bits
+
+
+# Kron lengths (the demo model's 576 and 1536) the check also compiles, per dtype with a setting.
+KRON_CHECK_CASES = [(576, "fp16"), (576, "bf16"), (1536, "fp16"), (1536, "bf16"), (1536, "fp32")]
 # Every length the dispatch may send to the kernel (fp16, whole and ragged tiles), plus bf16 / fp32.
 CHECK_CASES = [(log_n, "fp16", log_n % 2 == 0) for log_n in range(8, 16)] + [(11, "bf16", True), (12, "fp32", False)]
 
@@ -64,28 +89,37 @@ CHECK_CASES = [(log_n, "fp16", log_n % 2 == 0) for log_n in range(8, 16)] + [(11
 def check_all() -> int:
     """One JSON line per CHECK_CASES entry, with the settings kernels.WALSH_CONFIGS gives that
     length: layout conversions in the compiled IR against the plan's own, spills, registers,
-    instructions per element (tests/formats/test_walsh_kernel.py reads these)."""
+    instructions per element; then one per KRON_CHECK_CASES entry (the kron kernel with the
+    settings of kernels.KRON_CONFIGS): spills, registers, instructions per element
+    (tests/formats/test_walsh_kernel.py and test_kron_kernel.py read these)."""
     for log_n, dtype, even in CHECK_CASES:
         warps, register_bits, _, max_registers = kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)
         plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)
         compiled, sass, usage = compile_sm90(log_n, warps, register_bits, dtype, "MXINT4", even, max_registers)
-        local = re.search(r"LOCAL:(\d+)", usage)
-        registers = re.search(r"REG:(\d+)", usage)
-        instructions = len(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+[A-Z]", sass, re.MULTILINE))
         print(json.dumps({
-            "log_n": log_n, "dtype": dtype, "even": even, "warps": warps, "register_bits": register_bits,
-            "conversions": compiled.asm["ttgir"].count("ttg.convert_layout"),
-            "plan_conversions": 2 * (plan["N_STAGES"] + 1),
-            "local_bytes": int(local.group(1)) if local else None,
-            "registers": int(registers.group(1)) if registers else None,
-            "instructions_per_element": round(instructions / (1 << register_bits), 1),
+            "kernel": "walsh", "log_n": log_n, "dtype": dtype, "even": even, "warps": warps,
+            "register_bits": register_bits, "conversions": compiled.asm["ttgir"].count("ttg.convert_layout"),
+            "plan_conversions": 2 * (plan["N_STAGES"] + 1), **_usage(sass, usage, 1 << register_bits),
         }), flush=True)
+    for n, dtype in KRON_CHECK_CASES:
+        compiled, sass, usage, values = compile_kron_sm90(n, dtype)
+        print(json.dumps({"kernel": "kron", "n": n, "dtype": dtype, **_usage(sass, usage, values)}), flush=True)
     return 0
+
+
+def _usage(sass: str, usage: str, values_per_thread: int) -> dict:
+    local = re.search(r"LOCAL:(\d+)", usage)
+    registers = re.search(r"REG:(\d+)", usage)
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+[A-Z]", sass, re.MULTILINE))
+    return {"local_bytes": int(local.group(1)) if local else None,
+            "registers": int(registers.group(1)) if registers else None,
+            "instructions_per_element": round(instructions / values_per_thread, 1)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-all", action="store_true", help="every length the dispatch uses, as JSON lines")
+    ap.add_argument("--kron-n", type=int, default=0, help="compile the kron kernel for rows of this length instead")
     ap.add_argument("--log-n", type=int, default=11)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--register-bits", type=int, default=_gluon_mx.REGISTER_BITS)
@@ -95,6 +129,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.check_all:
         return check_all()
+    if args.kron_n:
+        _compiled, sass, usage, per_thread = compile_kron_sm90(args.kron_n, args.dtype, args.format)
+        print(f"triton {triton.__version__}, sm_90, kron kernel, n = {args.kron_n}, {args.dtype} {args.format} "
+              f"(kernels.KRON_CONFIGS): {json.dumps(_usage(sass, usage, per_thread))}")
+        return 0
     _compiled, sass, usage = compile_sm90(args.log_n, args.warps, args.register_bits, args.dtype, args.format,
                                           max_registers=args.max_registers)
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z][A-Z0-9._]*)", sass, re.MULTILINE))

@@ -848,6 +848,15 @@ def _kron_tile(log_p: int, num_warps: int, register_bits: int) -> tuple[dict, in
     return plan, (plan["M"] // 4) >> log_p
 
 
+def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry,
+                     kron: _KronPlan) -> dict:
+    """Every constexpr of `_gluon_mx.mx_kron_rotated_kernel` (compiled GPU code only)."""
+    io = _triton_mx.IO_BF16_NATIVE if dtype == torch.bfloat16 else _IO_CODES[dtype]
+    return dict(plan, EVEN=even, K=kron.k, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
+                INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
+                **entry.constexprs)
+
+
 def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) -> torch.Tensor | None:
     """The Gluon kron kernel (`_gluon_mx.mx_kron_rotated_kernel`), or None where it does not
     apply: an MX block must lie in one slice or cover whole slices of one group."""
@@ -867,14 +876,9 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     key = ("kron", kron, x.dtype, x.device, num_warps, max_registers, even)
     config = entry.configs.get(key)
     if config is None:
-        io = _triton_mx.IO_BF16_NATIVE if x.dtype == torch.bfloat16 else _IO_CODES[x.dtype]
         config = entry.configs[key] = _LaunchConfig(
-            _gluon_mx.mx_kron_rotated_kernel, 5,
-            dict(plan, EVEN=even, K=kron.k, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
-                 INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
-                 **entry.constexprs),
-            num_warps,
-            {"maxnreg": max_registers} if max_registers else None)
+            _gluon_mx.mx_kron_rotated_kernel, 5, _kron_constexprs(plan, even, x.dtype, block, entry, kron),
+            num_warps, {"maxnreg": max_registers} if max_registers else None)
     n_tiles = -(-n_rows // rows_per_tile)
     y = torch.empty_like(x)
     grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)
