@@ -190,7 +190,7 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
     default, default_values = kernels.KRON_CONFIGS.get(dtype), kernels.KRON_MAX_VALUES
     for setting in ((4, 8, 96, 0), (4, 3, 96, 0), (4, 4, 96, 128), (4, 8, 96, 128), (4, 5, 96, 96),
                     (4, 10, 96, 96), (4, 6, 96, 80), (4, 12, 96, 80), (8, 2, 96, 128), (8, 4, 96, 128),
-                    (8, 3, 96, 80)):
+                    (8, 3, 96, 80), (4, 8, 48, 0), (4, 8, 160, 0)):
         warps, per_sm, values, cap = setting
         kernels.KRON_CONFIGS[dtype] = (warps, per_sm, cap)
         kernels.KRON_MAX_VALUES = values

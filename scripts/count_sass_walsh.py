@@ -91,7 +91,7 @@ def check_all() -> int:
     length: layout conversions in the compiled IR against the plan's own, spills, registers,
     instructions per element; then one per KRON_CHECK_CASES entry (the kron kernel with the
     settings of kernels.KRON_CONFIGS): spills, registers, instructions per element
-    (tests/formats/test_walsh_kernel.py and test_kron_kernel.py read these)."""
+    (tests/formats/test_walsh_kernel.py reads these)."""
     for log_n, dtype, even in CHECK_CASES:
         warps, register_bits, _, max_registers = kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)
         plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)

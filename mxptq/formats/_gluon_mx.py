@@ -18,7 +18,7 @@ register bit of the current layout. So the tile runs through a few layouts ("sta
 holding the next run of bits in registers; `walsh_plan` chooses them. Between stages one
 `convert_layout` moves the tile (through shared memory or warp shuffles, the compiler's choice).
 
-Bit-exact against the reference, not just close: the levels run in the reference's order
+The Walsh kernel is bit-exact against the reference, not just close: the levels run in the reference's order
 (b = 0, 1, ..., L-1), each in IEEE fp32 like torch's, the normalization is the same fp32 multiply
 by 1/sqrt(n), H x and Q(H x) are rounded to the activation dtype where the reference rounds
 them, and Q is `_triton_mx._fake_quantize_given_amax`, the plain kernel's exact MX math in its
@@ -27,7 +27,7 @@ block quantum, never scaled (`_triton_mx._round_at_block_quantum`); bf16 tiles d
 every block's amax is inside `kernels._direct_range`, and their Q(H x) is then already a bf16
 value; other tiles take the general path (one flag per tile, so the branch is uniform).
 
-Cost: 41-48 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 2 log2 n of
+Cost of the Walsh kernel: 41-48 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 2 log2 n of
 them the butterfly adds; `scripts/count_sass_walsh.py`, benchmarks/walsh_sass.md). On the H100
 the transform alone ran near copy speed and the quantizer's instructions set the time
 (benchmarks/h100/walsh_prototype.md, benchmarks/walsh_sass.md).
@@ -168,8 +168,8 @@ def _walsh_reversed(x, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr, S3:
 def _mix(xs, K: gl.constexpr, TERMS: gl.constexpr, FLIP: gl.constexpr):
     """out_j = sum_i A[j, i] xs[i] for a +-1 matrix A (the H_K factor), every xs[i] a tile in
     the same layout. Pairs first: s_i = x_2i + x_2i+1 and d_i = x_2i - x_2i+1 hold every
-    signed pair sum up to sign, so a row costs K/2 - 1 adds instead of K - 1 (K/2 + 1 per
-    element instead of K). TERMS[j * K/2 + t] codes term t of row j as (pair * 2 + use_d) * 2 +
+    signed pair sum up to sign, so a row costs K/2 - 1 adds instead of K - 1 (with the pairs,
+    K/2 per element instead of K - 1). TERMS[j * K/2 + t] codes term t of row j as (pair * 2 + use_d) * 2 +
     negate; `kron_mix` orders each row to start with a positive term where it has one, and
     FLIP[j] negates a row that has none."""
     HALF: gl.constexpr = K // 2
@@ -256,12 +256,12 @@ def mx_kron_rotated_kernel(
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
 ):
     """y = R^T Q(R x) for every row of a row-major [n_rows, K * 2^LOG_N] tensor, R = s (A kron
-    H_2^m) with A a +-1 K x K matrix (FORWARD_TERMS codes A, INVERSE_TERMS A^T; `_mix`) and s
+    H_P) with A a +-1 K x K matrix (FORWARD_TERMS codes A, INVERSE_TERMS A^T; `_mix`) and s
     = 1 / sqrt(n): a row is K slices of P = 2^LOG_N, X[k, p] = x[k * P + p], and R x is
     s * A X H_P (mxptq.nn.hadamard.Rotation, kind "kron").
 
     A tile holds its rows' K slices as K tiles of M / 4 elements in one layout (SLICE_LAYOUT at
-    load and store: 16 bytes per thread). For the H_P butterflies four slices are joined into
+    load and store: VECTOR consecutive elements per thread, 16 bytes for fp16 at K = 12). For the H_P butterflies four slices are joined into
     one tile of M elements (`kron_plan`), so that each layout conversion moves four slices at
     once (one trip through shared memory, not four); A mixes the slices element by element in
     registers (`_mix`). The inverse runs A^T first, then the butterflies with the stages

@@ -15,7 +15,8 @@ dtype with round-to-nearest-even.
 `try_rotated_quantize` computes R^-1 Q(R x). For a Walsh rotation (n = 2^m, 2^8..2^15) on CUDA
 it runs `_gluon_mx`: the reference's fp32 butterflies in the reference's order, in registers,
 so the result is bit-exact (see that module). A rotation R = s (A kron H_P) with A a +-1 matrix
-of order K = 12, 20, ..., 40 (H_12 kron H_128 = 1536, H_36 kron H_16 = 576) runs the Gluon kron
+of order K = 12 (8 <= P <= 1024), 20 (P <= 256) or 28-44 (P <= 16) (H_12 kron H_128 = 1536,
+H_36 kron H_16 = 576) runs the Gluon kron
 kernel on CUDA: the butterflies on each of the K slices of a row, and A as add/subtract of
 slices in registers (`_gluon_mx.mx_kron_rotated_kernel`); like the MMA kernel it agrees with
 the reference to fp32 rounding, not bit for bit. Every other +-1 Kronecker rotation
@@ -37,7 +38,8 @@ fp16, 66-69 % at 4096 and 59-61 % at 8192; bf16 51-70 % (41-48 instructions per 
 = 22-26 of them butterfly adds; time followed the count, and at n = 2048 Nsight Compute saw 68 %
 of issue slots busy at 25 % occupancy: benchmarks/walsh_sass.md, benchmarks/h100/walsh_direct.md,
 benchmarks/h100/ncu_walsh.md); the kron kernel 51-53 % at 1536 and 32-33 % at 576 (fp16; bf16
-39-41 % and 28-30 %), latency-bound at 3-4 programs per SM (benchmarks/h100/ncu_kron.md), where
+39-41 % and 28-30 %), latency-bound (profiled uncapped on 4 warps: 3 programs per SM,
+benchmarks/h100/ncu_kron.md), where
 the MMA kernel, bound by shared-memory layout traffic between its MMA stages
 (benchmarks/h100/ncu_rotated.md), ran 25-26 % and 18-19 % (benchmarks/h100/bench_kernels.md).
 """
@@ -539,7 +541,7 @@ def _cached_plan(rotation, device) -> _RotationPlan | None:
 _NOT_BUILT = object()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a launch-config key (cheap)
 class _KronPlan:
     """R = scale * (A kron H_P) and R^-1 = scale * (A' kron H_P), A and A' +-1 K x K matrices
     (A' = A^T for an orthogonal R) and H_P the Sylvester Walsh matrix, P = 2^log_p: the Gluon
@@ -563,17 +565,20 @@ def _kron_register_bits(k: int) -> int:
 
 
 def _build_kron_plan(rotation) -> _KronPlan | None:
-    """Write R as scale * (A kron H_P) with A of even order K, not a power of two (those are
-    Walsh rotations: the bit-exact Walsh kernel or the MMA kernel), taking the largest P for
-    which the rotation's own forward and inverse maps factor so (checked as
-    `_build_rotation_plan` checks them), or None."""
+    """Write R as scale * (A kron H_P) with the order K of A a multiple of 4 (the kernel joins
+    slices in fours) and not a power of two (those are Walsh rotations: the bit-exact Walsh
+    kernel or the MMA kernel), taking the largest P for which the rotation's own forward and
+    inverse maps factor so (checked as `_build_rotation_plan` checks them), or None. The
+    values per thread (`_kron_register_bits`) and at most four layout stages bound P: K = 12
+    takes 8 <= P <= 1024, K = 20 P <= 256, K = 28..44 (2 values per slice) P <= 16, so
+    576 = 36 * 16 qualifies and 1152 = 36 * 32 does not."""
     n = getattr(rotation, "n", None)
     if not isinstance(n, int) or n < 2:
         return None
     p = n & -n
     while p >= 2:
         k = n // p
-        if k % 2 == 0 and k & (k - 1) and _kron_register_bits(k):
+        if k % 4 == 0 and k & (k - 1) and _kron_register_bits(k):
             plan = _kron_plan_for(rotation, k, p)
             if plan is not None:
                 return plan
@@ -586,7 +591,7 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
 
     n = k * p
     register_bits = _kron_register_bits(k)
-    try:
+    try:  # the layouts exist for every configured warp count (`_kron_tile` builds them again, cached)
         for num_warps in {config[0] for config in (*KRON_CONFIGS.values(), KRON_DEFAULT_CONFIG)}:
             _gluon_mx.kron_plan(p.bit_length() - 1, num_warps, register_bits)
     except ValueError:
@@ -616,7 +621,8 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
 
 class _PlanEntry:
     """Per (rotation object, device): whether the Gluon Walsh kernel applies (decided once), and
-    the MMA kernel's plan, built on first use (a Walsh rotation needs it only as the fallback)."""
+    the Gluon kron kernel's plan and the MMA kernel's plan, each built on first use (the MMA
+    plan is then only the fallback)."""
 
     __slots__ = ("_kron", "_plan", "device", "rotation", "walsh")
 
@@ -698,13 +704,13 @@ WALSH_DEFAULT_CONFIG = (4, 6, 8, 0)
 WALSH_LOG_N_RANGE = (8, 15)
 # Tests switch this off to run the MMA kernel on Walsh sizes too.
 USE_WALSH_KERNEL = True
-# Kron kernel (Gluon) for R = s (A kron H_P), A a +-1 K x K matrix: warps, persistent programs per
-# SM, and the values per thread across the K slices (K * 2^register_bits; `_kron_register_bits`).
-# The H_12 kron H_128 tile (96 values, 8 per slice) compiles to ~150 registers for fp16 on sm_90.
-# (num_warps, programs per SM, register cap (maxnreg; 0 = ptxas's choice)) by activation dtype,
-# from the sweep on an H100 (benchmarks/h100/kron_sweep.md): fp16 ran fastest on 8 warps capped
-# at 128 registers (1536: 73.3 -> 68.1 us, 576: 37.3 -> 36.4 us), bf16 without a cap (a cap cost
-# 1536 bf16 12 %).
+# Kron kernel (Gluon) for R = s (A kron H_P), A a +-1 K x K matrix: (num_warps, persistent
+# programs per SM, register cap (maxnreg; 0 = ptxas's choice)) by activation dtype, from the sweep
+# on an H100 (benchmarks/h100/kron_sweep.md): fp16 ran fastest on 8 warps capped at 128 registers
+# (1536: 73.3 -> 68.1 us, 576: 37.3 -> 36.4 us); bf16 uncapped on 4 warps (a cap cost 1536 bf16
+# 12 %, though 576 bf16 gained 8 % on 8 warps capped: settings by size would win a little more).
+# KRON_MAX_VALUES: values per thread across the K slices (K * 2^register_bits,
+# `_kron_register_bits`): H_12 kron H_128 holds 96 (8 per slice; 167 registers uncapped).
 KRON_CONFIGS = {torch.float16: (8, 4, 128)}
 KRON_DEFAULT_CONFIG = (4, 8, 0)
 KRON_MAX_VALUES = 96
@@ -869,7 +875,10 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     if failure_key in GLUON_FAILURES:
         return None
     num_warps, programs_per_sm, max_registers = KRON_CONFIGS.get(x.dtype, KRON_DEFAULT_CONFIG)
-    plan, rows_per_tile = _kron_tile(kron.log_p, num_warps, kron.register_bits)
+    try:
+        plan, rows_per_tile = _kron_tile(kron.log_p, num_warps, kron.register_bits)
+    except ValueError:  # KRON_CONFIGS changed after the plan was built (a benchmark sweep)
+        return None
     x = x.contiguous()
     n_rows = x.numel() // n
     even = n_rows % rows_per_tile == 0
@@ -889,7 +898,8 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
     """R^-1 Q(R x) along the last axis in one fused kernel, or None if not covered.
     Does not check kernels_enabled(). Walsh rotations on CUDA run the Gluon butterfly kernel
-    (bit-exact); every other +-1 Kronecker rotation the two-stage MMA kernel."""
+    (bit-exact), s (A kron H_P) rotations the Gluon kron kernel (`_build_kron_plan`); every
+    other +-1 Kronecker rotation, and every rotation off CUDA, the two-stage MMA kernel."""
     if not HAVE_TRITON or x.dtype not in _IO_CODES or x.dim() == 0:
         return None
     numel = x.numel()

@@ -80,9 +80,10 @@ def test_only_kron_rotations_the_kernel_can_hold_qualify() -> None:
     assert kernels._build_kron_plan(hadamard.KeyAxisRotation(32)) is None  # no fixed size
 
 
+@pytest.mark.parametrize("num_warps", [4, 8])
 @pytest.mark.parametrize("log_p,register_bits", [(7, 3), (8, 3), (3, 3), (4, 1), (7, 2)])
-def test_kron_plan_runs_every_level_in_registers(log_p, register_bits) -> None:
-    plan = gluon_mx.kron_plan(log_p, 4, register_bits)
+def test_kron_plan_runs_every_level_in_registers(log_p, register_bits, num_warps) -> None:
+    plan = gluon_mx.kron_plan(log_p, num_warps, register_bits)
     io = plan["SLICE_LAYOUT"]
     assert [b[0].bit_length() - 1 for b in io.reg_bases] == list(range(register_bits)), "IO: consecutive elements"
     assert plan["VECTOR"] == 1 << register_bits
@@ -92,8 +93,8 @@ def test_kron_plan_runs_every_level_in_registers(log_p, register_bits) -> None:
         levels.extend(range(first, end))
     assert sorted(levels) == list(range(2, log_p + 2)), "bits 0-1 are the slice within a group of four"
     assert all(b in regs for regs, _, _ in gluon_mx.stage_register_bits(plan, first=2) for b in (0, 1))
-    # a slice tile: 4 warps x 32 lanes x 2^register_bits values, rows of 2^log_p
-    assert kernels._kron_tile(log_p, 4, register_bits)[1] == max(1, (128 << register_bits) >> log_p)
+    # a slice tile has warps x 32 lanes x 2^register_bits elements: that many / 2^log_p rows
+    assert kernels._kron_tile(log_p, num_warps, register_bits)[1] == (num_warps * 32 << register_bits) >> log_p
 
 
 def test_dispatch_sends_kron_rotations_to_the_kron_kernel_on_cuda_only(monkeypatch) -> None:
@@ -108,7 +109,11 @@ def test_dispatch_sends_kron_rotations_to_the_kron_kernel_on_cuda_only(monkeypat
         rotation = hadamard.get_rotation(1536, block_size=32)
         entry = kernels._plan_entry(rotation, torch.device("cuda" if HAS_CUDA else "cpu"))
         assert entry.kron is not None and entry.kron.k == 12 and not entry.walsh
-        if HAS_CUDA:
+        if not HAS_CUDA:  # Triton's interpreter: the MMA kernel, never the Gluon kernel
+            x = torch.randn(4, 1536)
+            assert kernels.rotated_fake_quantize(x, fmt, rotation) is not None
+            assert calls == []
+        else:
             x = torch.randn(4, 1536, device="cuda")
             assert kernels.rotated_fake_quantize(x, fmt, rotation) is not None  # served by the MMA kernel
             assert calls == [("cuda", 12)]
@@ -141,9 +146,21 @@ def _reference(x: torch.Tensor, fmt: Format, rotation) -> torch.Tensor:
     return rotation.inverse(quantize_reference(rotation.forward(x), fmt))
 
 
-def _ran_kron(fmt: Format, n: int, dtype: torch.dtype) -> bool:
-    return any(key[0] == "kron" and key[1].k << key[1].log_p == n and key[2] == dtype
-               for key in kernels._format_entry(fmt).configs)
+@pytest.fixture
+def kron_launches(monkeypatch) -> list:
+    """(row length, dtype) of every kron kernel launch that succeeded during the test (a failed
+    one falls back to the MMA kernel, which the tolerance checks alone would not notice)."""
+    launches = []
+    launch = kernels._launch_gluon
+
+    def recording(config, grid, args, failure_key, what):
+        ok = launch(config, grid, args, failure_key, what)
+        if ok and what == "kron":
+            launches.append((failure_key[1], args[0].dtype))
+        return ok
+
+    monkeypatch.setattr(kernels, "_launch_gluon", recording)
+    return launches
 
 
 def _assert_close_to_reference(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, what: str) -> None:
@@ -166,7 +183,7 @@ def _assert_close_to_reference(got: torch.Tensor, ref: torch.Tensor, x: torch.Te
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("n", KRON_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_kron_kernel_matches_the_reference_every_size_and_dtype(n, dtype) -> None:
+def test_kron_kernel_matches_the_reference_every_size_and_dtype(n, dtype, kron_launches) -> None:
     rotation = hadamard.get_rotation(n, block_size=32)
     fmt = FORMATS[0]
     for rows in (37, 64):  # a ragged last tile (masked) and whole tiles
@@ -174,25 +191,25 @@ def test_kron_kernel_matches_the_reference_every_size_and_dtype(n, dtype) -> Non
         _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation),
                                    x, f"n={n} rows={rows}")
     assert not kernels.GLUON_FAILURES
-    assert _ran_kron(fmt, n, dtype), "the kron kernel did not run"
+    assert (n, dtype) in kron_launches, "the kron kernel did not run"
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("n", [576, 1536])
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.element.name}-{f.scale_rule.value}")
-def test_kron_kernel_matches_the_reference_every_format(n, fmt) -> None:
+def test_kron_kernel_matches_the_reference_every_format(n, fmt, kron_launches) -> None:
     rotation = hadamard.get_rotation(n, block_size=32)
     x = _rows(48, n, torch.float16, seed=3)
     _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), x,
                                str(fmt))
-    assert _ran_kron(fmt, n, torch.float16)
+    assert (n, torch.float16) in kron_launches
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("n,block_size", [(576, 16), (576, 64), (1536, 16), (1536, 128)])
-def test_kron_kernel_blocks_within_and_across_slices(n, block_size) -> None:
+def test_kron_kernel_blocks_within_and_across_slices(n, block_size, kron_launches) -> None:
     """576 has slices of 16: a block of 64 covers 4 slices, one of 16 exactly one; 1536 has
     slices of 128: blocks of 16 and 128 lie within one."""
     fmt = Format(ELEMENT_FORMATS["e2m1"], block_size, ScaleRule.OCP)
@@ -200,12 +217,12 @@ def test_kron_kernel_blocks_within_and_across_slices(n, block_size) -> None:
     x = _rows(20, n, torch.bfloat16, seed=block_size)
     _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), x,
                                f"block {block_size}")
-    assert _ran_kron(fmt, n, torch.bfloat16)
+    assert (n, torch.bfloat16) in kron_launches
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference() -> None:
+def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference(kron_launches) -> None:
     fmt = FORMATS[0]
     rotation = hadamard.get_rotation(1536, block_size=32)
     x = _rows(8, 1536, torch.float16, seed=9)
@@ -213,7 +230,8 @@ def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference() -> None:
     x[5, 300] = float("inf")
     got = kernels.rotated_fake_quantize(x, fmt, rotation)
     ref = _reference(x, fmt, rotation)
-    assert bool(got[2].isnan().all()) and bool(got[5].isnan().all()) and bool(ref[5].isnan().all())
+    assert (1536, torch.float16) in kron_launches
+    assert all(bool(out[row].isnan().all()) for out in (got, ref) for row in (2, 5))
     keep = [0, 1, 3, 4, 6, 7]
     assert not bool(got[keep].isnan().any())
     _assert_close_to_reference(got[keep], ref[keep], x[keep], "finite rows")
@@ -221,7 +239,7 @@ def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
+def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch, kron_launches) -> None:
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
     monkeypatch.setitem(kernels.KRON_CONFIGS, torch.float16, (4, 1, 0))
     kernels.clear_caches()
@@ -232,6 +250,6 @@ def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
             x = _rows(rows, 1536, torch.float16, seed=rows)
             _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation),
                                        _reference(x, fmt, rotation), x, f"rows={rows}")
-        assert _ran_kron(fmt, 1536, torch.float16)
+        assert (1536, torch.float16) in kron_launches
     finally:
         kernels.clear_caches()
