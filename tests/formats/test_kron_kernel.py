@@ -20,7 +20,9 @@ import torch
 pytest.importorskip("triton")
 gluon_mx = pytest.importorskip("mxptq.formats._gluon_mx", exc_type=ImportError)
 
-from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels, quantize_reference
+from rotated_cases import FORMATS, reference, sample_rows
+
+from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels
 from mxptq.nn import hadamard
 
 HAS_CUDA = torch.cuda.is_available()
@@ -124,28 +126,6 @@ def test_dispatch_sends_kron_rotations_to_the_kron_kernel_on_cuda_only(monkeypat
         kernels.clear_caches()
 
 
-FORMATS = [
-    Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL),
-    Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.SYMMETRIC),
-    Format(ELEMENT_FORMATS["int8"], 32, ScaleRule.OCP),
-    Format(ELEMENT_FORMATS["e2m1"], 32, ScaleRule.OCP),
-    Format(ELEMENT_FORMATS["e4m3"], 32, ScaleRule.OCP),
-    Format(ELEMENT_FORMATS["e5m2"], 32, ScaleRule.OCP),
-]
-
-
-def _rows(rows: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=gen) * torch.logspace(-3, 2, rows)[:, None]  # finite in fp16
-    x[:, 5] *= 40.0  # an outlier channel
-    x[0] = 0.0  # an all-zero row: zero blocks
-    return x.to(dtype).cuda()
-
-
-def _reference(x: torch.Tensor, fmt: Format, rotation) -> torch.Tensor:
-    return rotation.inverse(quantize_reference(rotation.forward(x), fmt))
-
-
 @pytest.fixture
 def kron_launches(monkeypatch) -> list:
     """(row length, dtype) of every kron kernel launch that succeeded during the test (a failed
@@ -187,8 +167,8 @@ def test_kron_kernel_matches_the_reference_every_size_and_dtype(n, dtype, kron_l
     rotation = hadamard.get_rotation(n, block_size=32)
     fmt = FORMATS[0]
     for rows in (37, 64):  # a ragged last tile (masked) and whole tiles
-        x = _rows(rows, n, dtype, seed=n + rows)
-        _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation),
+        x = sample_rows(rows, n, dtype, seed=n + rows)
+        _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation),
                                    x, f"n={n} rows={rows}")
     assert not kernels.GLUON_FAILURES
     assert (n, dtype) in kron_launches, "the kron kernel did not run"
@@ -200,8 +180,8 @@ def test_kron_kernel_matches_the_reference_every_size_and_dtype(n, dtype, kron_l
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.element.name}-{f.scale_rule.value}")
 def test_kron_kernel_matches_the_reference_every_format(n, fmt, kron_launches) -> None:
     rotation = hadamard.get_rotation(n, block_size=32)
-    x = _rows(48, n, torch.float16, seed=3)
-    _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), x,
+    x = sample_rows(48, n, torch.float16, seed=3)
+    _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), x,
                                str(fmt))
     assert (n, torch.float16) in kron_launches
 
@@ -214,8 +194,8 @@ def test_kron_kernel_blocks_within_and_across_slices(n, block_size, kron_launche
     slices of 128: blocks of 16 and 128 lie within one."""
     fmt = Format(ELEMENT_FORMATS["e2m1"], block_size, ScaleRule.OCP)
     rotation = hadamard.get_rotation(n, block_size=32)
-    x = _rows(20, n, torch.bfloat16, seed=block_size)
-    _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), x,
+    x = sample_rows(20, n, torch.bfloat16, seed=block_size)
+    _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), x,
                                f"block {block_size}")
     assert (n, torch.bfloat16) in kron_launches
 
@@ -225,11 +205,11 @@ def test_kron_kernel_blocks_within_and_across_slices(n, block_size, kron_launche
 def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference(kron_launches) -> None:
     fmt = FORMATS[0]
     rotation = hadamard.get_rotation(1536, block_size=32)
-    x = _rows(8, 1536, torch.float16, seed=9)
+    x = sample_rows(8, 1536, torch.float16, seed=9)
     x[2, 17] = float("nan")
     x[5, 300] = float("inf")
     got = kernels.rotated_fake_quantize(x, fmt, rotation)
-    ref = _reference(x, fmt, rotation)
+    ref = reference(x, fmt, rotation)
     assert (1536, torch.float16) in kron_launches
     assert all(bool(out[row].isnan().all()) for out in (got, ref) for row in (2, 5))
     keep = [0, 1, 3, 4, 6, 7]
@@ -247,9 +227,9 @@ def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch, kron_launche
         fmt = FORMATS[0]
         rotation = hadamard.get_rotation(1536, block_size=32)
         for rows in (45, 45, 46):  # several tiles of 8 rows, the last ragged; repeated; a new size
-            x = _rows(rows, 1536, torch.float16, seed=rows)
+            x = sample_rows(rows, 1536, torch.float16, seed=rows)
             _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation),
-                                       _reference(x, fmt, rotation), x, f"rows={rows}")
+                                       reference(x, fmt, rotation), x, f"rows={rows}")
         assert (1536, torch.float16) in kron_launches
     finally:
         kernels.clear_caches()

@@ -24,7 +24,9 @@ import torch
 pytest.importorskip("triton")
 gluon_mx = pytest.importorskip("mxptq.formats._gluon_mx", exc_type=ImportError)
 
-from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels, quantize_reference
+from rotated_cases import FORMATS, reference, sample_rows
+
+from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels
 from mxptq.nn import hadamard
 
 HAS_CUDA = torch.cuda.is_available()
@@ -143,28 +145,6 @@ def test_gluon_kernels_compile_for_sm90_with_only_the_plans_layout_conversions()
             assert case["local_bytes"] == 0, f"register spills: {case}"
 
 
-FORMATS = [
-    Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL),
-    Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.SYMMETRIC),
-    Format(ELEMENT_FORMATS["int8"], 32, ScaleRule.OCP),
-    Format(ELEMENT_FORMATS["e2m1"], 32, ScaleRule.OCP),
-    Format(ELEMENT_FORMATS["e4m3"], 32, ScaleRule.OCP),
-    Format(ELEMENT_FORMATS["e5m2"], 32, ScaleRule.OCP),
-]
-
-
-def _rows(rows: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=gen) * torch.logspace(-3, 2, rows)[:, None]  # finite in fp16
-    x[:, 5] *= 40.0  # an outlier channel
-    x[0] = 0.0  # an all-zero row: zero blocks
-    return x.to(dtype).cuda()
-
-
-def _reference(x: torch.Tensor, fmt: Format, rotation) -> torch.Tensor:
-    return rotation.inverse(quantize_reference(rotation.forward(x), fmt))
-
-
 def _ran_walsh(fmt: Format, n: int, dtype: torch.dtype) -> bool:
     return any(key[:3] == ("walsh", n, dtype) for key in kernels._format_entry(fmt).configs)
 
@@ -183,8 +163,8 @@ def test_walsh_kernel_bit_exact_every_length_and_dtype(n, dtype) -> None:
     rotation = hadamard.get_rotation(n)
     fmt = FORMATS[0]
     for rows in (37, 64):  # a ragged last tile (masked) and whole tiles
-        x = _rows(rows, n, dtype, seed=n + rows)
-        _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), f"n={n} rows={rows}")
+        x = sample_rows(rows, n, dtype, seed=n + rows)
+        _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), f"n={n} rows={rows}")
     assert not kernels.GLUON_FAILURES
     assert _ran_walsh(fmt, n, dtype), "the Gluon kernel did not run"
 
@@ -194,8 +174,8 @@ def test_walsh_kernel_bit_exact_every_length_and_dtype(n, dtype) -> None:
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.element.name}-{f.scale_rule.value}")
 def test_walsh_kernel_bit_exact_every_format(fmt) -> None:
     rotation = hadamard.get_rotation(2048)
-    x = _rows(48, 2048, torch.float16, seed=3)
-    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), str(fmt))
+    x = sample_rows(48, 2048, torch.float16, seed=3)
+    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), str(fmt))
     assert _ran_walsh(fmt, 2048, torch.float16)
 
 
@@ -205,8 +185,8 @@ def test_walsh_kernel_bit_exact_every_format(fmt) -> None:
 def test_walsh_kernel_bit_exact_other_block_sizes(block_size) -> None:
     fmt = Format(ELEMENT_FORMATS["e2m1"], block_size, ScaleRule.OCP)
     rotation = hadamard.get_rotation(1024)
-    x = _rows(20, 1024, torch.bfloat16, seed=block_size)
-    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), f"block {block_size}")
+    x = sample_rows(20, 1024, torch.bfloat16, seed=block_size)
+    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), f"block {block_size}")
     assert _ran_walsh(fmt, 1024, torch.bfloat16)
 
 
@@ -217,11 +197,11 @@ def test_walsh_kernel_nonfinite_rows_follow_the_reference() -> None:
     makes every block of that row NaN, in the kernel as in the reference."""
     fmt = FORMATS[0]
     rotation = hadamard.get_rotation(512)
-    x = _rows(8, 512, torch.float16, seed=9)
+    x = sample_rows(8, 512, torch.float16, seed=9)
     x[2, 17] = float("nan")
     x[5, 300] = float("inf")
     got = kernels.rotated_fake_quantize(x, fmt, rotation)
-    _assert_bit_exact(got, _reference(x, fmt, rotation), "non-finite rows")
+    _assert_bit_exact(got, reference(x, fmt, rotation), "non-finite rows")
     assert bool(got[2].isnan().all()) and bool(got[5].isnan().all()) and not bool(got[3].isnan().any())
 
 
@@ -234,7 +214,7 @@ def test_walsh_kernel_tiles_outside_the_direct_range_take_the_general_path(dtype
     fast path, a tile with one tiny or one huge row the general one; fp16 tiles of both kinds
     run the direct rounding plus the rounding to fp16. All bit-exact."""
     rotation = hadamard.get_rotation(2048)
-    x = _rows(16, 2048, dtype, seed=11).float()
+    x = sample_rows(16, 2048, dtype, seed=11).float()
     _, lo, hi = kernels._direct_range(kernels._format_entry(fmt).spec, dtype)
     # tile 1: blocks below the range (fp16: random signs at its smallest subnormal, 2^-24)
     x[5] = x[5].sign() * 2.0**-24 if dtype == torch.float16 else x[5] / x[5].abs().max() * lo / 4
@@ -242,7 +222,7 @@ def test_walsh_kernel_tiles_outside_the_direct_range_take_the_general_path(dtype
     x = x.to(dtype)
     amax = rotation.forward(x).float().reshape(16, -1, 32).abs().amax(-1)
     assert bool(((amax[5] < lo) & (amax[5] > 0)).any()) and bool((amax[10] >= hi).any())
-    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), f"{dtype} {fmt}")
+    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), f"{dtype} {fmt}")
 
 
 @pytest.mark.cuda
@@ -257,8 +237,8 @@ def test_walsh_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
         fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)
         rotation = hadamard.get_rotation(2048)
         for rows in (45, 45, 46):  # 12 tiles of 4 rows, the last ragged; repeated; a new size
-            x = _rows(rows, 2048, torch.float16, seed=rows)
-            _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), _reference(x, fmt, rotation), f"rows={rows}")
+            x = sample_rows(rows, 2048, torch.float16, seed=rows)
+            _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), f"rows={rows}")
         assert _ran_walsh(fmt, 2048, torch.float16)
     finally:
         kernels.clear_caches()
@@ -278,10 +258,10 @@ def test_a_failing_gluon_launch_falls_back_to_the_mma_kernel_with_a_warning(monk
     monkeypatch.setattr(kernels, "GLUON_FAILURES", {})
     fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)
     rotation = hadamard.get_rotation(2048)
-    x = _rows(8, 2048, torch.float16, seed=4)
+    x = sample_rows(8, 2048, torch.float16, seed=4)
     with pytest.warns(RuntimeWarning, match="simulated Gluon compile error"):
         got = kernels.rotated_fake_quantize(x, fmt, rotation)
     assert got is not None, "the MMA kernel should have served the call"
-    ref = _reference(x, fmt, rotation)
+    ref = reference(x, fmt, rotation)
     assert float((got.float() - ref.float()).norm()) <= 0.05 * float((ref.float() - x.float()).norm())
     assert list(kernels.GLUON_FAILURES) == [(x.device, 2048, torch.float16)]
