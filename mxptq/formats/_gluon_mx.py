@@ -320,9 +320,7 @@ def kron_plan(log_p: int, num_warps: int, register_bits: int) -> dict:
     regs = list(range(register_bits))
     lanes = list(range(register_bits, register_bits + LANE_BITS))
     warps = list(range(register_bits + LANE_BITS, slice_total))
-    slice_layout = gl.DistributedLinearLayout(
-        reg_bases=[[1 << b] for b in regs], lane_bases=[[1 << b] for b in lanes],
-        warp_bases=[[1 << b] for b in warps], block_bases=[], shape=[1 << slice_total])
+    slice_layout = _linear_layout(regs, lanes, warps, slice_total)
     plan = _stage_plan([0, 1] + [b + 2 for b in regs], [b + 2 for b in lanes], [b + 2 for b in warps],
                        slice_total + 2, log_p, register_bits + 2, first=2)
     return dict(plan, SLICE_LAYOUT=slice_layout, VECTOR=1 << register_bits)
@@ -380,6 +378,15 @@ def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -
     return _stage_plan(io_regs, io_lanes, io_warps, total, log_n, register_bits)
 
 
+def _linear_layout(regs: list, lanes: list, warps: list, total: int):
+    """The 1-D layout of a tile of 2^total elements whose index bits `regs` are register bits,
+    `lanes` lane bits and `warps` warp bits (together every bit once)."""
+    assert sorted(regs + lanes + warps) == list(range(total)), (regs, lanes, warps)
+    return gl.DistributedLinearLayout(
+        reg_bases=[[1 << b] for b in regs], lane_bases=[[1 << b] for b in lanes],
+        warp_bases=[[1 << b] for b in warps], block_bases=[], shape=[1 << total])
+
+
 def _stage_plan(io_regs: list, io_lanes: list, io_warps: list, total: int, log_n: int,
                 register_bits: int, first: int = 0) -> dict:
     """The constexprs of a tile of 2^total elements whose rows are 2^log_n long, given its IO
@@ -388,10 +395,7 @@ def _stage_plan(io_regs: list, io_lanes: list, io_warps: list, total: int, log_n
     below `first` (the kron kernel's slice bits) stay in registers in every stage."""
 
     def layout(regs, lanes, warps):
-        assert sorted(regs + lanes + warps) == list(range(total)), (regs, lanes, warps)
-        return gl.DistributedLinearLayout(
-            reg_bases=[[1 << b] for b in regs], lane_bases=[[1 << b] for b in lanes],
-            warp_bases=[[1 << b] for b in warps], block_bases=[], shape=[1 << total])
+        return _linear_layout(regs, lanes, warps, total)
 
     fixed = list(range(first))
     assert all(b in io_regs for b in fixed), io_regs
