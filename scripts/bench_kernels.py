@@ -154,6 +154,23 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
     return rows
 
 
+def _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
+    """Time the rotated kernel under the settings just made and print one sweep row; a setting
+    that the Gluon kernel cannot take (no plan, or it fell back to the MMA kernel) is recorded
+    as failed."""
+    try:
+        if not (kernels._plan_entry(rot, inputs[0].device).walsh or kernels._build_kron_plan(rot)):
+            raise RuntimeError("no Gluon plan")
+        t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
+        if kernels.GLUON_FAILURES:  # it fell back to the MMA kernel: not this setting
+            raise RuntimeError(next(iter(kernels.GLUON_FAILURES.values())))
+    except Exception as exc:  # noqa: BLE001 - e.g. a row that does not fit the warps: record it
+        kernels.GLUON_FAILURES.clear()
+        print(f"| {n} | {dtype_name} | {fmt_name} | {label} | failed: {type(exc).__name__} | |", flush=True)
+        return
+    print(f"| {n} | {dtype_name} | {fmt_name} | {label} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
+
+
 def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
     """The Gluon Walsh kernel's (warps, log2 values per thread, programs per SM, register cap)
     settings (a cap of 0: ptxas's choice; a lower cap lets more programs share an SM)."""
@@ -164,17 +181,8 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
                                      (8, 5, 2, 0), (16, 5, 2, 0)):
         kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm, cap)
         kernels.clear_caches()
-        try:
-            t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
-            if kernels.GLUON_FAILURES:  # it fell back to the MMA kernel: not this setting
-                raise RuntimeError(next(iter(kernels.GLUON_FAILURES.values())))
-        except Exception as exc:  # noqa: BLE001 - e.g. a row that does not fit the warps: record it
-            kernels.GLUON_FAILURES.clear()
-            print(f"| {n} | {dtype_name} | {fmt_name} | walsh warps={warps} values/thread={1 << bits} "
-                  f"programs/SM={per_sm} registers<={cap or '-'} | failed: {type(exc).__name__} | |", flush=True)
-            continue
-        print(f"| {n} | {dtype_name} | {fmt_name} | walsh warps={warps} values/thread={1 << bits} "
-              f"programs/SM={per_sm} registers<={cap or '-'} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
+        label = f"walsh warps={warps} values/thread={1 << bits} programs/SM={per_sm} registers<={cap or '-'}"
+        _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
     if default is None:
         kernels.WALSH_CONFIGS.pop(log_n, None)
     else:
@@ -196,17 +204,7 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
         kernels.KRON_MAX_VALUES = values
         kernels.clear_caches()
         label = f"kron warps={warps} programs/SM={per_sm} values/thread<={values} registers<={cap or '-'}"
-        try:
-            if kernels._build_kron_plan(rot) is None:
-                raise RuntimeError("no kron plan")
-            t = time_device(lambda v, f=fmt, r=rot: kernels.try_rotated_quantize(v, f, r), inputs, args.iters)
-            if kernels.GLUON_FAILURES:
-                raise RuntimeError(next(iter(kernels.GLUON_FAILURES.values())))
-        except Exception as exc:  # noqa: BLE001 - record it and go on
-            kernels.GLUON_FAILURES.clear()
-            print(f"| {n} | {dtype_name} | {fmt_name} | {label} | failed: {type(exc).__name__} | |", flush=True)
-            continue
-        print(f"| {n} | {dtype_name} | {fmt_name} | {label} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
+        _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
     if default is None:
         kernels.KRON_CONFIGS.pop(dtype, None)
     else:

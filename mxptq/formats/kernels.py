@@ -322,6 +322,12 @@ def _io_code(x: torch.Tensor) -> int:
     return _IO_CODES[x.dtype]
 
 
+def _compiled_io(dtype: torch.dtype) -> int:
+    """IO mode of the Gluon kernels, which run as compiled GPU code only: `_io_code` of a CUDA
+    tensor of this dtype (bf16 natively)."""
+    return _triton_mx.IO_BF16_NATIVE if dtype == torch.bfloat16 else _IO_CODES[dtype]
+
+
 def _io_views(x: torch.Tensor, y: torch.Tensor, io: int):
     if io == _triton_mx.IO_BF16:
         return x.view(torch.int16), y.view(torch.int16)
@@ -790,7 +796,7 @@ def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, en
                       num_warps: int) -> dict:
     """Every constexpr of `_gluon_mx.mx_walsh_rotated_kernel` (compiled GPU code only: bf16
     loads and stores as bf16, see _triton_mx.IO_BF16_NATIVE)."""
-    io = _triton_mx.IO_BF16_NATIVE if dtype == torch.bfloat16 else _IO_CODES[dtype]
+    io = _compiled_io(dtype)
     direct, lo, hi = _direct_range(entry.spec, dtype)
     direct = direct and num_warps <= WALSH_RANGE_CHECK_MAX_WARPS.get(dtype, 0)
     return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, DIRECT=direct, DIRECT_LO=lo,
@@ -857,7 +863,7 @@ def _kron_tile(log_p: int, num_warps: int, register_bits: int) -> tuple[dict, in
 def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry,
                      kron: _KronPlan) -> dict:
     """Every constexpr of `_gluon_mx.mx_kron_rotated_kernel` (compiled GPU code only)."""
-    io = _triton_mx.IO_BF16_NATIVE if dtype == torch.bfloat16 else _IO_CODES[dtype]
+    io = _compiled_io(dtype)
     return dict(plan, EVEN=even, K=kron.k, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
                 INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
                 **entry.constexprs)
