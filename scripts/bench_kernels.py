@@ -171,14 +171,25 @@ def _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s
     print(f"| {n} | {dtype_name} | {fmt_name} | {label} | {t * 1e6:.1f} | {100 * copy_s / t:.0f} |", flush=True)
 
 
+# The Walsh kernel's sweep: (warps, log2 values per thread, programs per SM, register cap).
+WALSH_SWEEP = ((4, 6, 4, 0), (4, 6, 8, 0), (4, 6, 5, 96), (4, 6, 6, 80), (4, 6, 8, 80), (4, 6, 7, 72), (8, 6, 4, 0),
+               (8, 6, 3, 80), (4, 5, 8, 0), (8, 5, 4, 0), (8, 5, 2, 0), (16, 5, 2, 0), (4, 7, 2, 0), (8, 7, 1, 0))
+
+
+def _walsh_settings(text: str) -> tuple:
+    """--walsh-settings: '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0), (8, 5, 4, 0))."""
+    settings = tuple(tuple(int(v) for v in item.split(",")) for item in text.split(":"))
+    if any(len(setting) != 4 for setting in settings):
+        raise argparse.ArgumentTypeError(f"four integers per setting (warps,bits,programs,cap), got {text!r}")
+    return settings
+
+
 def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
     """The Gluon Walsh kernel's (warps, log2 values per thread, programs per SM, register cap)
     settings (a cap of 0: ptxas's choice; a lower cap lets more programs share an SM)."""
     log_n = n.bit_length() - 1
     default = kernels.WALSH_CONFIGS.get(log_n)
-    for warps, bits, per_sm, cap in ((4, 6, 4, 0), (4, 6, 8, 0), (4, 6, 5, 96), (4, 6, 6, 80), (4, 6, 8, 80),
-                                     (4, 6, 7, 72), (8, 6, 4, 0), (8, 6, 3, 80), (4, 5, 8, 0), (8, 5, 4, 0),
-                                     (8, 5, 2, 0), (16, 5, 2, 0)):
+    for warps, bits, per_sm, cap in args.walsh_settings:
         kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm, cap)
         kernels.clear_caches()
         label = f"walsh warps={warps} values/thread={1 << bits} programs/SM={per_sm} registers<={cap or '-'}"
@@ -194,21 +205,21 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
     """The Gluon kron kernel's (warps, programs per SM, values per thread over the K slices,
     register cap): a cap of 0 is ptxas's choice; 128 / 96 / 80 registers let 4 / 5 / 6
     programs of 4 warps share an SM."""
-    dtype = DTYPES[dtype_name]
-    default, default_values = kernels.KRON_CONFIGS.get(dtype), kernels.KRON_MAX_VALUES
+    key = (DTYPES[dtype_name], n)  # this size's own setting (kernels._kron_setting looks it up first)
+    default, default_values = kernels.KRON_CONFIGS.get(key), kernels.KRON_MAX_VALUES
     for setting in ((4, 8, 96, 0), (4, 3, 96, 0), (4, 4, 96, 128), (4, 8, 96, 128), (4, 5, 96, 96),
                     (4, 10, 96, 96), (4, 6, 96, 80), (4, 12, 96, 80), (8, 2, 96, 128), (8, 4, 96, 128),
                     (8, 3, 96, 80), (4, 8, 48, 0), (4, 8, 160, 0)):
         warps, per_sm, values, cap = setting
-        kernels.KRON_CONFIGS[dtype] = (warps, per_sm, cap)
+        kernels.KRON_CONFIGS[key] = (warps, per_sm, cap)
         kernels.KRON_MAX_VALUES = values
         kernels.clear_caches()
         label = f"kron warps={warps} programs/SM={per_sm} values/thread<={values} registers<={cap or '-'}"
         _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
     if default is None:
-        kernels.KRON_CONFIGS.pop(dtype, None)
+        kernels.KRON_CONFIGS.pop(key, None)
     else:
-        kernels.KRON_CONFIGS[dtype] = default
+        kernels.KRON_CONFIGS[key] = default
     kernels.KRON_MAX_VALUES = default_values
     kernels.clear_caches()
 
@@ -279,6 +290,9 @@ def main() -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
     ap.add_argument("--sweep", action="store_true", help="only time kernel settings (tile, warps, split)")
     ap.add_argument("--sweep-rotated-only", action="store_true", help="with --sweep: only the rotated kernel")
+    ap.add_argument("--walsh-settings", type=_walsh_settings, default=WALSH_SWEEP,
+                    help="with --sweep: the Walsh kernel's settings, warps,log2 values per thread,programs per SM,"
+                         "register cap (0: none), ':' between settings")
     ap.add_argument("--sweep-walsh-only", action="store_true", help="with --sweep: only the Gluon kernels (Walsh, kron)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -92,7 +92,7 @@ def mx_walsh_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
-    DIRECT: gl.constexpr, DIRECT_LO: gl.constexpr, DIRECT_HI: gl.constexpr,
+    DIRECT: gl.constexpr, DIRECT_LO: gl.constexpr, DIRECT_HI: gl.constexpr, FP16_OUT: gl.constexpr,
 ):
     """y = H^T Q(H x) for every row of a row-major [n_rows, 2^LOG_N] tensor, H = H_2^L / sqrt(n)
     (Sylvester order, symmetric: the inverse is the same transform), one read and one write.
@@ -142,8 +142,10 @@ def mx_walsh_rotated_kernel(
                                               CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
                                               ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
                                               AT_QUANTUM=IO == 1,  # every fp16 block is in range
-                                              LEAN=True)
-            x = _mx._round_through_io(gl.reshape(q, (M,)), IO)
+                                              LEAN=True, FP16_OUT=FP16_OUT)
+            x = gl.reshape(q, (M,))
+            if not FP16_OUT:  # (FP16_OUT: q is already fp16(Q(x)))
+                x = _mx._round_through_io(x, IO)
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
         x = gl.convert_layout(x, IO_LAYOUT)
         _mx._store_f32_fast(y_ptr + base + local, x * scale, mask, IO)
@@ -197,7 +199,7 @@ def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.conste
                    SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
                    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
                    CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
-                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr):
+                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, FP16_OUT: gl.constexpr):
     """Q(round(scale * x)) rounded to the activation dtype, for every k-slice of the tile. A
     row's MX blocks are BLOCK consecutive elements: BLOCK / P consecutive slices when a block
     is longer than a slice (P = 2^LOG_P), else BLOCK consecutive elements of one slice."""
@@ -220,8 +222,11 @@ def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.conste
                                               SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                               CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
                                               ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                              AT_QUANTUM=IO == 1, LEAN=True)
-            out = out + (_mx._round_through_io(gl.reshape(q, (M,)), IO),)
+                                              AT_QUANTUM=IO == 1, LEAN=True, FP16_OUT=FP16_OUT)
+            q = gl.reshape(q, (M,))
+            if not FP16_OUT:  # (FP16_OUT: q is already fp16(Q(x)))
+                q = _mx._round_through_io(q, IO)
+            out = out + (q,)
     return out
 
 
@@ -253,7 +258,7 @@ def mx_kron_rotated_kernel(
     SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
-    ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
+    ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr, FP16_OUT: gl.constexpr,
 ):
     """y = R^T Q(R x) for every row of a row-major [n_rows, K * 2^LOG_N] tensor, R = s (A kron
     H_P) with A a +-1 K x K matrix (FORWARD_TERMS codes A, INVERSE_TERMS A^T; `_mix`) and s
@@ -293,7 +298,7 @@ def mx_kron_rotated_kernel(
         xs = _mix(xs, K, FORWARD_TERMS, FORWARD_FLIP)
         xs = _quantize_kron(xs, scale, K, LOG_N, MS, IO, BLOCK, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
                             SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
-                            CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX)
+                            CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, FP16_OUT)
         xs = _mix(xs, K, INVERSE_TERMS, INVERSE_FLIP)
         for g in gl.static_range(K // 4):
             x = _join_group(xs[4 * g], xs[4 * g + 1], xs[4 * g + 2], xs[4 * g + 3], M)

@@ -278,7 +278,7 @@ def _fake_quantize_tile(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
 def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
                             CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr,
                             ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
-                            ELEM_MAX: tl.constexpr):
+                            ELEM_MAX: tl.constexpr, FP16_OUT: tl.constexpr = False):
     """`_fake_quantize_given_amax` in its fewest instructions: round x straight onto the block's
     grid, never dividing by the scale 2^code_exp. Valid where every block's code exponent c lies
     in [-126 - min(emin, 0), 88]: always for fp16 values (|c| < 64), for bf16 or fp32 values
@@ -298,7 +298,16 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     Per element that is two min/max, two adds and one bit operation (integers), plus three
     integer operations for the minifloat exponent; the scaling multiplies are gone. A
     non-finite block gets a NaN magic number (minifloats: bounds 0, so that t's exponent never
-    beats the NaN-making floor), so every element of it becomes NaN."""
+    beats the NaN-making floor), so every element of it becomes NaN.
+
+    FP16_OUT: x holds fp16 values and the caller wants fp16(Q(x)), the reference's `.to(float16)`
+    of Q, without rounding each element: the two bounds are rounded to fp16 instead (per block).
+    Where the block's quantum is at least 2^-24, every grid value is an fp16 value (at most 7
+    significant bits), so the bounds and r are unchanged. Where it is finer, x (a multiple of
+    2^-24) is already on the grid, r = t, and fp16(clamp(x, lo, hi)) = clamp(x, fp16(lo),
+    fp16(hi)) because rounding is monotonic and x is an fp16 value. What this cannot give is
+    the reference's overflow to +-inf when Q rounds past 65504: the caller enables it only for
+    formats whose Q of an fp16 block never does (kernels._fp16_q_stays_finite)."""
     sign_bit = bits & (-2147483648)
     bounded = tl.minimum(tl.maximum(code_exp, -126), 100)  # only an all-zero block's c is outside
     unit = _pow2(bounded)
@@ -308,6 +317,9 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     else:
         low = tl.where(nonfinite, 0.0, unit * (-ELEM_MAX))
         high = tl.where(nonfinite, 0.0, unit * ELEM_MAX)
+    if FP16_OUT:
+        low = low.to(tl.float16).to(tl.float32)
+        high = high.to(tl.float16).to(tl.float32)
     t = tl.minimum(tl.maximum(x, low), high)
     if IS_INT:
         magic = tl.where(nonfinite, float("nan"), _pow2(bounded + 23) * 1.5)
@@ -330,7 +342,8 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
                               IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
                               CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
                               ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr,
-                              AT_QUANTUM: tl.constexpr = False, LEAN: tl.constexpr = False):
+                              AT_QUANTUM: tl.constexpr = False, LEAN: tl.constexpr = False,
+                              FP16_OUT: tl.constexpr = False):
     """The block-NaN fake-quantization of `_fake_quantize_tile` for any tile shape: amax_bits
     holds each element's block amax bit pattern (|x| bits maximized over the block), in a shape
     that broadcasts against x with singleton block axes, so per-block work stays per block.
@@ -342,7 +355,8 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
 
     AT_QUANTUM: x is never scaled at all (`_round_at_block_quantum`, fewer instructions still,
     the same values), for a caller that guarantees its range condition: fp16 values, or bf16
-    blocks it checked against kernels._direct_range."""
+    blocks it checked against kernels._direct_range. FP16_OUT (with AT_QUANTUM, fp16 values): the
+    result is already fp16(Q(x)) (see `_round_at_block_quantum`)."""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
     nonfinite = amax_bits >= 0x7F800000
@@ -354,7 +368,7 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     code_exp = shared_exp + CODE_SHIFT
     if AT_QUANTUM:
         return _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT, CODE_MAX_POS,
-                                       CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX)
+                                       CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, FP16_OUT)
     # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
     down_lo = (-code_exp) >> 1
     down_1 = _pow2(down_lo)

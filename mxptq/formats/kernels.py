@@ -711,13 +711,14 @@ WALSH_LOG_N_RANGE = (8, 15)
 # Tests switch this off to run the MMA kernel on Walsh sizes too.
 USE_WALSH_KERNEL = True
 # Kron kernel (Gluon) for R = s (A kron H_P), A a +-1 K x K matrix: (num_warps, persistent
-# programs per SM, register cap (maxnreg; 0 = ptxas's choice)) by activation dtype, from the sweep
-# on an H100 (benchmarks/h100/kron_sweep.md): fp16 ran fastest on 8 warps capped at 128 registers
-# (1536: 73.3 -> 68.1 us, 576: 37.3 -> 36.4 us); bf16 uncapped on 4 warps (a cap cost 1536 bf16
-# 12 %, though 576 bf16 gained 8 % on 8 warps capped: settings by size would win a little more).
+# programs per SM, register cap (maxnreg; 0 = ptxas's choice)) by (activation dtype, row length),
+# else by dtype (`_kron_setting`), from the sweeps on an H100 (benchmarks/h100/kron_sweep.md):
+# fp16 ran fastest on 8 warps capped at 128 registers (1536: 73.3 -> 68.1 us, 576: 37.3 -> 36.4
+# us); bf16 uncapped on 4 warps (a cap cost 1536 bf16 12 %), except 576 bf16 on 8 warps, 4
+# programs per SM, uncapped (42.4 -> 38.0 us in sweep 1).
 # KRON_MAX_VALUES: values per thread across the K slices (K * 2^register_bits,
 # `_kron_register_bits`): H_12 kron H_128 holds 96 (8 per slice; 167 registers uncapped).
-KRON_CONFIGS = {torch.float16: (8, 4, 128)}
+KRON_CONFIGS = {torch.float16: (8, 4, 128), (torch.bfloat16, 576): (8, 4, 0)}
 KRON_DEFAULT_CONFIG = (4, 8, 0)
 KRON_MAX_VALUES = 96
 USE_KRON_KERNEL = True
@@ -782,6 +783,24 @@ def _direct_range(spec: _KernelSpec, dtype: torch.dtype) -> tuple[bool, float, f
     return True, 2.0 ** (c_lo + ql - shift), min(2.0 ** (c_hi - shift), cap)
 
 
+@functools.lru_cache(maxsize=64)
+def _fp16_q_stays_finite(fmt) -> bool:
+    """Whether the reference's Q keeps every fp16 block within fp16's range (|Q(x)| <= 65504),
+    checked exhaustively: one block per positive finite fp16 magnitude a, holding a and -a (Q is
+    monotonic, so they bound the block). Then the rotated kernels need not round Q's output of an
+    fp16 tile to fp16 (`_triton_mx._round_at_block_quantum`, FP16_OUT). Rules that scale a
+    block's amax up (the symmetric integer rule: 65504 / 2^14 rounds to 4, Q = 65536, which
+    fp16 makes inf) keep the rounding."""
+    from mxptq.formats.mx import quantize_reference  # here: mx imports this module
+
+    magnitudes = torch.arange(1, 0x7C00, dtype=torch.int16).view(torch.float16).float()
+    blocks = torch.zeros(magnitudes.numel(), fmt.block_size)
+    blocks[:, 0] = magnitudes
+    if fmt.block_size > 1:
+        blocks[:, 1] = -magnitudes
+    return bool((quantize_reference(blocks, fmt).abs() <= 65504.0).all())
+
+
 # Where the Walsh kernel checks each tile against `_direct_range` (dtype -> most warps). The check
 # is one flag per tile, a reduction across the program's warps (a barrier); it pays only where
 # the fast tile saves many instructions. bf16 saves the two-factor scaling and the rounding of
@@ -800,7 +819,13 @@ def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, en
     direct, lo, hi = _direct_range(entry.spec, dtype)
     direct = direct and num_warps <= WALSH_RANGE_CHECK_MAX_WARPS.get(dtype, 0)
     return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, DIRECT=direct, DIRECT_LO=lo,
-                DIRECT_HI=hi)
+                DIRECT_HI=hi, FP16_OUT=_fp16_out(dtype, entry))
+
+
+def _fp16_out(dtype: torch.dtype, entry: _FormatEntry) -> bool:
+    """FP16_OUT of the Gluon kernels: fp16 tiles skip rounding Q's output (1.5 SASS instructions
+    per element: a pack and an unpack) where the format allows (`_fp16_q_stays_finite`)."""
+    return dtype == torch.float16 and _fp16_q_stays_finite(entry.fmt)
 
 
 def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch.Tensor | None:
@@ -815,22 +840,33 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     log_n = n.bit_length() - 1
     num_warps, register_bits, programs_per_sm, max_registers = WALSH_CONFIGS.get(log_n, WALSH_DEFAULT_CONFIG)
     plan, rows_per_tile = _walsh_plan(log_n, num_warps, register_bits)
+    # 1 / sqrt(n) as the reference's fp32 multiply uses it (a Python float, rounded to fp32)
+    return _gluon_rotated(
+        _gluon_mx.mx_walsh_rotated_kernel, "Walsh", x, n, 1.0 / math.sqrt(n), rows_per_tile, entry,
+        ("walsh", n, register_bits), lambda even: _walsh_constexprs(plan, even, x.dtype, block, entry, num_warps),
+        (num_warps, programs_per_sm, max_registers), failure_key)
+
+
+def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, rows_per_tile: int,
+                   entry: _FormatEntry, variant: tuple, constexprs, setting: tuple, failure_key: tuple):
+    """Run a Gluon rotated kernel (signature x, y, n_rows, n_tiles, scale) over x's rows of n:
+    persistent programs, `setting` = (num_warps, programs per SM, register cap), over tiles of
+    rows_per_tile rows. The compiled variant is cached in the format's entry under `variant`
+    plus dtype, device, setting and whether the rows fill whole tiles; constexprs(even) builds
+    its constants on first use. None where the launch failed (`_launch_gluon`)."""
+    num_warps, programs_per_sm, max_registers = setting
     x = x.contiguous()
     n_rows = x.numel() // n
     even = n_rows % rows_per_tile == 0
-    key = ("walsh", n, x.dtype, x.device, num_warps, register_bits, max_registers, even)
+    key = (*variant, x.dtype, x.device, setting, even)
     config = entry.configs.get(key)
     if config is None:
-        config = entry.configs[key] = _LaunchConfig(
-            _gluon_mx.mx_walsh_rotated_kernel, 5, _walsh_constexprs(plan, even, x.dtype, block, entry, num_warps),
-            num_warps,
-            {"maxnreg": max_registers} if max_registers else None)
+        config = entry.configs[key] = _LaunchConfig(kernel, 5, constexprs(even), num_warps,
+                                                    {"maxnreg": max_registers} if max_registers else None)
     n_tiles = -(-n_rows // rows_per_tile)
     y = torch.empty_like(x)
     grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)
-    # 1 / sqrt(n) as the reference's fp32 multiply uses it (a Python float, rounded to fp32)
-    args = (x, y, n_rows, n_tiles, 1.0 / math.sqrt(n))
-    return y if _launch_gluon(config, grid, args, failure_key, "Walsh") else None
+    return y if _launch_gluon(config, grid, (x, y, n_rows, n_tiles, scale), failure_key, what) else None
 
 
 def _launch_gluon(config: _LaunchConfig, grid: tuple, args: tuple, failure_key: tuple, what: str) -> bool:
@@ -866,7 +902,12 @@ def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, ent
     io = _compiled_io(dtype)
     return dict(plan, EVEN=even, K=kron.k, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
                 INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
-                **entry.constexprs)
+                **entry.constexprs, FP16_OUT=_fp16_out(dtype, entry))
+
+
+def _kron_setting(dtype: torch.dtype, n: int) -> tuple[int, int, int]:
+    """(num_warps, programs per SM, register cap) of the kron kernel on rows of n (KRON_CONFIGS)."""
+    return KRON_CONFIGS.get((dtype, n)) or KRON_CONFIGS.get(dtype, KRON_DEFAULT_CONFIG)
 
 
 def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) -> torch.Tensor | None:
@@ -880,25 +921,15 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     failure_key = (x.device, n, x.dtype)
     if failure_key in GLUON_FAILURES:
         return None
-    num_warps, programs_per_sm, max_registers = KRON_CONFIGS.get(x.dtype, KRON_DEFAULT_CONFIG)
+    num_warps, programs_per_sm, max_registers = _kron_setting(x.dtype, n)
     try:
         plan, rows_per_tile = _kron_tile(kron.log_p, num_warps, kron.register_bits)
     except ValueError:  # KRON_CONFIGS changed after the plan was built (a benchmark sweep)
         return None
-    x = x.contiguous()
-    n_rows = x.numel() // n
-    even = n_rows % rows_per_tile == 0
-    key = ("kron", kron, x.dtype, x.device, num_warps, max_registers, even)
-    config = entry.configs.get(key)
-    if config is None:
-        config = entry.configs[key] = _LaunchConfig(
-            _gluon_mx.mx_kron_rotated_kernel, 5, _kron_constexprs(plan, even, x.dtype, block, entry, kron),
-            num_warps, {"maxnreg": max_registers} if max_registers else None)
-    n_tiles = -(-n_rows // rows_per_tile)
-    y = torch.empty_like(x)
-    grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)
-    args = (x, y, n_rows, n_tiles, kron.scale)
-    return y if _launch_gluon(config, grid, args, failure_key, "kron") else None
+    return _gluon_rotated(
+        _gluon_mx.mx_kron_rotated_kernel, "kron", x, n, kron.scale, rows_per_tile, entry, ("kron", kron),
+        lambda even: _kron_constexprs(plan, even, x.dtype, block, entry, kron),
+        (num_warps, programs_per_sm, max_registers), failure_key)
 
 
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:

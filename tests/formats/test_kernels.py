@@ -383,7 +383,7 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
                            SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr, ZERO_SHARED: tl.constexpr,
                            CODE_SHIFT: tl.constexpr, IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
                            CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
-                           ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr):
+                           ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr, FP16_OUT: tl.constexpr = False):
         offsets = tl.arange(0, GROUP)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         x = tl.load(x_ptr + offsets)
         # the Walsh kernel's block amax: a float max of |x| (all of a block is finite or none is)
@@ -391,7 +391,7 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
         y = _triton_mx._fake_quantize_given_amax(x, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
                                                  SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
                                                  CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                                 AT_QUANTUM=AT_QUANTUM, LEAN=LEAN)
+                                                 AT_QUANTUM=AT_QUANTUM, LEAN=LEAN, FP16_OUT=FP16_OUT)
         tl.store(y_ptr + offsets, y)
 
 
@@ -427,13 +427,50 @@ def test_walsh_kernels_fp16_quantizer_equals_the_reference_bit_for_bit(fmt: Form
     assert bool((same_sign | ref.isnan()).all()), "a zero's sign differs from the reference"
 
 
-def _given_amax(x: torch.Tensor, fmt: Format, at_quantum: bool) -> torch.Tensor:
+def _given_amax(x: torch.Tensor, fmt: Format, at_quantum: bool, fp16_out: bool = False) -> torch.Tensor:
     """The Walsh kernel's quantizer on x's blocks: AT_QUANTUM, or else the LEAN general path."""
     y = torch.empty_like(x)
     for start in range(0, x.shape[0], 8):
         _given_amax_kernel[(1,)](x[start:start + 8], y[start:start + 8], BLOCK=32, GROUP=8,
-                                 AT_QUANTUM=at_quantum, LEAN=True, **kernels._format_entry(fmt).constexprs)
+                                 AT_QUANTUM=at_quantum, LEAN=True, FP16_OUT=fp16_out,
+                                 **kernels._format_entry(fmt).constexprs)
     return y
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
+def test_walsh_kernels_fp16_out_equals_the_reference_rounded_to_fp16(fmt: Format) -> None:
+    """FP16_OUT (the rotated kernels on fp16 tiles, where kernels._fp16_q_stays_finite allows):
+    with the block's bounds rounded to fp16 instead of each result, the quantizer gives exactly
+    the reference's Q(x).to(float16) on fp16 blocks of every scale, zero signs included. Where it
+    is not allowed, some fp16 block really does quantize past 65504 (to inf in fp16)."""
+    x = _dtype_blocks(32).to(DEVICE)
+    ref = quantize_reference(x, fmt)
+    if not kernels._fp16_q_stays_finite(fmt):
+        # blocks of one repeated fp16 value, each of them: one quantizes past +-65504
+        magnitudes = torch.arange(1, 0x7C00, dtype=torch.int16).view(torch.float16).float()
+        blocks = torch.cat([magnitudes, -magnitudes])[:, None].expand(-1, fmt.block_size)
+        assert float(quantize_reference(blocks, fmt).abs().max()) > 65504.0
+        return
+    y = _given_amax(x, fmt, at_quantum=True, fp16_out=True)
+    expected = ref.to(torch.float16).float()
+    _assert_same(y, expected, f"{_ids(fmt)} FP16_OUT")
+    assert bool(((torch.signbit(y) == torch.signbit(expected)) | expected.isnan()).all())
+
+
+def test_fp16_q_stays_finite_against_hand_computed_tops() -> None:
+    """int4 under the tutorial rule: a block of amax 65504 gets the element quantum 2^13
+    (codes -8..7 of 1.2 fixed point, scale 2^floor(log2 65504) = 2^15), so -65504 / 2^13 =
+    -7.996 rounds to code -8, Q = -65536, past fp16's range (inf there); +65504 saturates at
+    7 * 2^13 = 57344. The OCP minifloat rule takes 2^(floor(log2 65504) - emax) and saturates on
+    both sides: e2m1 6 * 2^13 = 49152, e4m3 448 * 2^7 = 57344."""
+    int4, e2m1, e4m3 = (Format(ELEMENT_FORMATS[name], 32) for name in ("int4", "e2m1", "e4m3"))
+    top = torch.zeros(1, 32)
+    top[0, 0], top[0, 1] = 65504.0, -65504.0
+    assert quantize_reference(top, int4)[0, :2].tolist() == [57344.0, -65536.0]
+    assert quantize_reference(top, e2m1)[0, :2].tolist() == [49152.0, -49152.0]
+    assert quantize_reference(top, e4m3)[0, :2].tolist() == [57344.0, -57344.0]
+    assert not kernels._fp16_q_stays_finite(int4)
+    assert kernels._fp16_q_stays_finite(e2m1) and kernels._fp16_q_stays_finite(e4m3)
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)

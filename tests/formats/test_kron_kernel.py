@@ -221,7 +221,7 @@ def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference(kron_launches
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch, kron_launches) -> None:
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
-    monkeypatch.setitem(kernels.KRON_CONFIGS, torch.float16, (4, 1, 0))
+    monkeypatch.setitem(kernels.KRON_CONFIGS, (torch.float16, 1536), (4, 1, 0))
     kernels.clear_caches()
     try:
         fmt = FORMATS[0]
