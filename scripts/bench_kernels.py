@@ -110,10 +110,9 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
             record("rotated kernel", fmt_name, None, f"not covered ({rotation.description})")
         else:
             ref_rot = rotation.inverse(quantize_reference(rotation.forward(x), fmt))
-            configs = kernels._format_entry(fmt).configs
-            ran_walsh = any(k[0] == "walsh" and k[1] == n and k[2] == x.dtype for k in configs)
-            ran_kron = any(k[0] == "kron" and k[1].k << k[1].log_p == n and k[2] == x.dtype for k in configs)
-            which = "Gluon butterflies" if ran_walsh else "Gluon kron" if ran_kron else "two-stage MMA"
+            ran_kron = kernels._gluon_compiled(fmt, "kron", n, x.dtype)
+            which = ("Gluon butterflies" if kernels._gluon_compiled(fmt, "walsh", n, x.dtype) else
+                     "Gluon kron" if ran_kron else "two-stage MMA")
 
             def agreement(out, ref_rot=ref_rot):
                 diff = (out.float() - ref_rot.float()).abs()

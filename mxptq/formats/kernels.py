@@ -843,7 +843,7 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     # 1 / sqrt(n) as the reference's fp32 multiply uses it (a Python float, rounded to fp32)
     return _gluon_rotated(
         _gluon_mx.mx_walsh_rotated_kernel, "Walsh", x, n, 1.0 / math.sqrt(n), rows_per_tile, entry,
-        ("walsh", n, register_bits), lambda even: _walsh_constexprs(plan, even, x.dtype, block, entry, num_warps),
+        ("walsh", register_bits), lambda even: _walsh_constexprs(plan, even, x.dtype, block, entry, num_warps),
         (num_warps, programs_per_sm, max_registers), failure_key)
 
 
@@ -851,14 +851,15 @@ def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, row
                    entry: _FormatEntry, variant: tuple, constexprs, setting: tuple, failure_key: tuple):
     """Run a Gluon rotated kernel (signature x, y, n_rows, n_tiles, scale) over x's rows of n:
     persistent programs, `setting` = (num_warps, programs per SM, register cap), over tiles of
-    rows_per_tile rows. The compiled variant is cached in the format's entry under `variant`
-    plus dtype, device, setting and whether the rows fill whole tiles; constexprs(even) builds
-    its constants on first use. None where the launch failed (`_launch_gluon`)."""
+    rows_per_tile rows. The compiled variant is cached in the format's entry under the key
+    (kernel name, n, dtype, device, plan, setting, whether the rows fill whole tiles), where
+    variant = (kernel name, plan); constexprs(even) builds its constants on first use. None where
+    the launch failed (`_launch_gluon`)."""
     num_warps, programs_per_sm, max_registers = setting
     x = x.contiguous()
     n_rows = x.numel() // n
     even = n_rows % rows_per_tile == 0
-    key = (*variant, x.dtype, x.device, setting, even)
+    key = (variant[0], n, x.dtype, x.device, variant[1], setting, even)
     config = entry.configs.get(key)
     if config is None:
         config = entry.configs[key] = _LaunchConfig(kernel, 5, constexprs(even), num_warps,
@@ -867,6 +868,13 @@ def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, row
     y = torch.empty_like(x)
     grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)
     return y if _launch_gluon(config, grid, (x, y, n_rows, n_tiles, scale), failure_key, what) else None
+
+
+def _gluon_compiled(fmt, kernel: str, n: int, dtype: torch.dtype) -> bool:
+    """Whether the Gluon kernel `kernel` ("walsh" or "kron") has a variant for this format, rows
+    of n and dtype (`_gluon_rotated`'s cache keys): tests and the benchmark ask which kernel
+    served a call."""
+    return any(key[:3] == (kernel, n, dtype) for key in _format_entry(fmt).configs)
 
 
 def _launch_gluon(config: _LaunchConfig, grid: tuple, args: tuple, failure_key: tuple, what: str) -> bool:

@@ -146,7 +146,7 @@ def test_gluon_kernels_compile_for_sm90_with_only_the_plans_layout_conversions()
 
 
 def _ran_walsh(fmt: Format, n: int, dtype: torch.dtype) -> bool:
-    return any(key[:3] == ("walsh", n, dtype) for key in kernels._format_entry(fmt).configs)
+    return kernels._gluon_compiled(fmt, "walsh", n, dtype)
 
 
 def _assert_bit_exact(got, ref, what) -> None:
@@ -265,3 +265,36 @@ def test_a_failing_gluon_launch_falls_back_to_the_mma_kernel_with_a_warning(monk
     ref = reference(x, fmt, rotation)
     assert float((got.float() - ref.float()).norm()) <= 0.05 * float((ref.float() - x.float()).norm())
     assert list(kernels.GLUON_FAILURES) == [(x.device, 2048, torch.float16)]
+
+
+def test_gluon_launch_helper_sizes_the_persistent_grid_and_caches_each_variant(monkeypatch) -> None:
+    """`kernels._gluon_rotated` (CPU, the launch itself recorded instead of run): a grid of
+    min(tiles, SMs x programs per SM) programs over ceil(rows / rows per tile) tiles, the
+    arguments the kernels take, constants built once per variant (whole tiles or a ragged last
+    one), and `_gluon_compiled` naming what ran."""
+    launches = []
+    monkeypatch.setattr(kernels, "_launch", lambda config, grid, args: launches.append((config, grid, args)))
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 3)
+    fmt = Format(ELEMENT_FORMATS["e2m1"], 32, ScaleRule.OCP)
+    entry = kernels._format_entry(fmt)
+    built = []
+
+    def run(rows: int):
+        x = torch.zeros(rows, 256, dtype=torch.float16)
+        return kernels._gluon_rotated(gluon_mx.mx_walsh_rotated_kernel, "Walsh", x, 256, 0.0625, 4, entry,
+                                      ("walsh", 6), lambda even: built.append(even) or {"EVEN": even},
+                                      (4, 2, 0), (x.device, 256, x.dtype))
+
+    assert not kernels._gluon_compiled(fmt, "walsh", 256, torch.float16)
+    for rows in (37, 37, 40, 2):
+        y = run(rows)
+        config, grid, args = launches[-1]
+        tiles = -(-rows // 4)
+        assert grid == (min(tiles, 3 * 2), 1, 1)
+        assert args[1] is y and y.shape == (rows, 256)
+        assert args[2:] == (rows, tiles, 0.0625)
+        assert config.constexprs == {"EVEN": rows % 4 == 0} and config.num_warps == 4
+    assert built == [False, True]  # 37 and 2 rows: a ragged last tile (built once), 40: whole tiles
+    assert kernels._gluon_compiled(fmt, "walsh", 256, torch.float16)
+    assert not kernels._gluon_compiled(fmt, "walsh", 256, torch.bfloat16)
+    assert not kernels._gluon_compiled(fmt, "kron", 256, torch.float16)
