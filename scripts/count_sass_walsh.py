@@ -60,8 +60,7 @@ def compile_sm90(log_n: int, warps: int, register_bits: int, dtype: str = "fp16"
                  even: bool = True, max_registers: int = 0):
     """Compile the Walsh kernel for sm_90 here (no GPU): (CompiledKernel, SASS text, resource usage text)."""
     plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)
-    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]),
-                                           warps)
+    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]))
     return _compile(_gluon_mx.mx_walsh_rotated_kernel, constexprs, dtype, warps, max_registers)
 
 

@@ -22,10 +22,11 @@ The Walsh kernel is bit-exact against the reference, not just close: the levels 
 (b = 0, 1, ..., L-1), each in IEEE fp32 like torch's, the normalization is the same fp32 multiply
 by 1/sqrt(n), H x and Q(H x) are rounded to the activation dtype where the reference rounds
 them, and Q is `_triton_mx._fake_quantize_given_amax`, the plain kernel's exact MX math in its
-LEAN form (the same values in fewer instructions). fp16 values are rounded straight at the
-block quantum, never scaled (`_triton_mx._round_at_block_quantum`); bf16 tiles do the same when
-every block's amax is inside `kernels._direct_range`, and their Q(H x) is then already a bf16
-value; other tiles take the general path (one flag per tile, so the branch is uniform).
+LEAN form (the same values in fewer instructions). fp16 and bf16 values are rounded straight
+at the block quantum, never divided by the scale (`_triton_mx._round_at_block_quantum`; bf16
+blocks beyond fp32's normal range at a 2^-+64 scale, WIDE, so no tile branches), and Q(H x)
+comes out as a value of the activation dtype through clamp bounds rounded to it (OUT_IO: bf16
+always, fp16 where the format's Q cannot overflow fp16); fp32 tiles take the general path.
 
 Cost of the Walsh kernel: 41-48 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 2 log2 n of
 them the butterfly adds; `scripts/count_sass_walsh.py`, benchmarks/walsh_sass.md). On the H100
@@ -92,7 +93,7 @@ def mx_walsh_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
-    DIRECT: gl.constexpr, DIRECT_LO: gl.constexpr, DIRECT_HI: gl.constexpr, FP16_OUT: gl.constexpr,
+    OUT_IO: gl.constexpr,
 ):
     """y = H^T Q(H x) for every row of a row-major [n_rows, 2^LOG_N] tensor, H = H_2^L / sqrt(n)
     (Sylvester order, symmetric: the inverse is the same transform), one read and one write.
@@ -121,31 +122,16 @@ def mx_walsh_rotated_kernel(
         # non-finite amax; the kernel's NaN policy follows from it as in the plain kernel.
         amax = gl.max(gl.abs(blocks), axis=1)
         amax_bits = gl.expand_dims(amax.to(gl.int32, bitcast=True), 1)
-        # Fast tile: every block's amax lies in [DIRECT_LO, DIRECT_HI) (or is 0), so Q can round
-        # straight at the block quantum and its output is already a value of the activation
-        # dtype (kernels._direct_range). One flag per tile keeps the branch uniform; a tile with
-        # a tiny, huge or non-finite block takes the general path.
-        fast = False
-        if DIRECT:
-            outside = ((amax < DIRECT_LO) & (amax != 0.0)) | ~(amax < DIRECT_HI)
-            fast = gl.max(outside.to(gl.int32), axis=0) == 0
-        if fast:
-            q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
-                                              SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
-                                              CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
-                                              ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                              AT_QUANTUM=True)
-            x = gl.reshape(q, (M,))
-        else:
-            q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
-                                              SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
-                                              CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
-                                              ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                              AT_QUANTUM=IO == 1,  # every fp16 block is in range
-                                              LEAN=True, FP16_OUT=FP16_OUT)
-            x = gl.reshape(q, (M,))
-            if not FP16_OUT:  # (FP16_OUT: q is already fp16(Q(x)))
-                x = _mx._round_through_io(x, IO)
+        # 16-bit values are rounded straight at the block quantum (bf16: WIDE, for blocks
+        # beyond fp32's normal range); fp32 takes the general path.
+        q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
+                                          SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
+                                          CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
+                                          ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, AT_QUANTUM=IO != 0,
+                                          LEAN=True, OUT_IO=OUT_IO, WIDE=IO >= 2)
+        x = gl.reshape(q, (M,))
+        if OUT_IO == 0:  # (else q is already Q(x) rounded to the activation dtype)
+            x = _mx._round_through_io(x, IO)
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
         x = gl.convert_layout(x, IO_LAYOUT)
         _mx._store_f32_fast(y_ptr + base + local, x * scale, mask, IO)
@@ -199,7 +185,7 @@ def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.conste
                    SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
                    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
                    CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
-                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, FP16_OUT: gl.constexpr):
+                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, OUT_IO: gl.constexpr):
     """Q(round(scale * x)) rounded to the activation dtype, for every k-slice of the tile. A
     row's MX blocks are BLOCK consecutive elements: BLOCK / P consecutive slices when a block
     is longer than a slice (P = 2^LOG_P), else BLOCK consecutive elements of one slice."""
@@ -222,9 +208,9 @@ def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.conste
                                               SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                               CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
                                               ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                              AT_QUANTUM=IO == 1, LEAN=True, FP16_OUT=FP16_OUT)
+                                              AT_QUANTUM=IO != 0, LEAN=True, OUT_IO=OUT_IO, WIDE=IO >= 2)
             q = gl.reshape(q, (M,))
-            if not FP16_OUT:  # (FP16_OUT: q is already fp16(Q(x)))
+            if OUT_IO == 0:  # (else q is already Q(x) rounded to the activation dtype)
                 q = _mx._round_through_io(q, IO)
             out = out + (q,)
     return out
@@ -258,7 +244,7 @@ def mx_kron_rotated_kernel(
     SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
-    ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr, FP16_OUT: gl.constexpr,
+    ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr, OUT_IO: gl.constexpr,
 ):
     """y = R^T Q(R x) for every row of a row-major [n_rows, K * 2^LOG_N] tensor, R = s (A kron
     H_P) with A a +-1 K x K matrix (FORWARD_TERMS codes A, INVERSE_TERMS A^T; `_mix`) and s
@@ -298,7 +284,7 @@ def mx_kron_rotated_kernel(
         xs = _mix(xs, K, FORWARD_TERMS, FORWARD_FLIP)
         xs = _quantize_kron(xs, scale, K, LOG_N, MS, IO, BLOCK, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
                             SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
-                            CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, FP16_OUT)
+                            CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, OUT_IO)
         xs = _mix(xs, K, INVERSE_TERMS, INVERSE_FLIP)
         for g in gl.static_range(K // 4):
             x = _join_group(xs[4 * g], xs[4 * g + 1], xs[4 * g + 2], xs[4 * g + 3], M)

@@ -34,6 +34,14 @@ def _pow2(k):
 
 
 @triton.jit
+def _pow2_wide(k):
+    """2^k as fp32 for integer k in [-149, 127], exact (an fp32 subnormal below -126)."""
+    normal = ((tl.maximum(k, -126) + 127) << 23).to(tl.float32, bitcast=True)
+    subnormal = (1 << tl.minimum(tl.maximum(k + 149, 0), 22)).to(tl.float32, bitcast=True)
+    return tl.where(k >= -126, normal, subnormal)
+
+
+@triton.jit
 def _mul_pow2(v, k):
     """v * 2^k for integer k in [-254, 254], as two exact power-of-two multiplications.
 
@@ -278,11 +286,10 @@ def _fake_quantize_tile(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
 def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
                             CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr,
                             ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
-                            ELEM_MAX: tl.constexpr, FP16_OUT: tl.constexpr = False):
+                            ELEM_MAX: tl.constexpr, OUT_IO: tl.constexpr = 0, WIDE: tl.constexpr = False):
     """`_fake_quantize_given_amax` in its fewest instructions: round x straight onto the block's
-    grid, never dividing by the scale 2^code_exp. Valid where every block's code exponent c lies
-    in [-126 - min(emin, 0), 88]: always for fp16 values (|c| < 64), for bf16 or fp32 values
-    where the caller checked the block amax (kernels._direct_range).
+    grid, never dividing by the scale 2^code_exp. Valid for fp16 values (every block's code
+    exponent c lies in [-126 - min(emin, 0), 88], |c| < 64), and with WIDE for bf16 values.
 
     The reference computes sign(x) * clamp(RNE(|x| / 2^c)) * 2^c. In that range both scalings
     are exact, 2^c and the magic numbers below are normal fp32 numbers, and the same value is
@@ -300,37 +307,62 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     non-finite block gets a NaN magic number (minifloats: bounds 0, so that t's exponent never
     beats the NaN-making floor), so every element of it becomes NaN.
 
-    FP16_OUT: x holds fp16 values and the caller wants fp16(Q(x)), the reference's `.to(float16)`
-    of Q, without rounding each element: the two bounds are rounded to fp16 instead (per block).
-    Where the block's quantum is at least 2^-24, every grid value is an fp16 value (at most 7
-    significant bits), so the bounds and r are unchanged. Where it is finer, x (a multiple of
-    2^-24) is already on the grid, r = t, and fp16(clamp(x, lo, hi)) = clamp(x, fp16(lo),
-    fp16(hi)) because rounding is monotonic and x is an fp16 value. What this cannot give is
-    the reference's overflow to +-inf when Q rounds past 65504: the caller enables it only for
-    formats whose Q of an fp16 block never does (kernels._fp16_q_stays_finite)."""
+    WIDE (bf16 values: fp32's exponent range, c in [-133, 127]): a block whose c is above 88 or
+    below -100 rounds t * 2^-+64 instead (c + -+64 is back in range; x * 2^-+64 is exact, or
+    for huge blocks so small that it rounds to 0 either way) and scales the result back, so
+    every block is exact with no branch. That costs a multiply per element (integers fold the
+    first into a fused multiply-add), two for minifloats, whose t's exponent field must be the
+    scaled value's own. The bounds use the exact 2^c (an fp32 subnormal below 2^-126).
+
+    OUT_IO (an IO code; 0: none): x holds values of that 16-bit dtype and the caller wants Q(x)
+    rounded to it, as the reference's `.to(dtype)` of Q, without rounding each element: the two
+    bounds are rounded to the dtype instead (per block). Where the block's quantum is at least
+    the dtype's smallest subnormal (2^-24, bf16 2^-133), every grid value is a value of the
+    dtype (at most 7 significant bits), so the bounds and r are unchanged. Where it is finer,
+    x is already on the grid, r = t, and round(clamp(x, lo, hi)) = clamp(x, round(lo),
+    round(hi)) because rounding is monotonic and x is a value of the dtype. What this cannot
+    give is fp16's overflow to +-inf when Q rounds past 65504 (bf16's range is fp32's): the
+    caller asks for fp16 only for formats whose Q of an fp16 block never does
+    (kernels._fp16_q_stays_finite)."""
     sign_bit = bits & (-2147483648)
-    bounded = tl.minimum(tl.maximum(code_exp, -126), 100)  # only an all-zero block's c is outside
-    unit = _pow2(bounded)
+    if WIDE:
+        shift = tl.where(code_exp > 88, -64, tl.where(code_exp < -100, 64, 0))
+        bounded = code_exp + shift
+        unit = _pow2_wide(code_exp)
+    else:
+        bounded = tl.minimum(tl.maximum(code_exp, -126), 100)  # only an all-zero block's c is outside
+        unit = _pow2(bounded)
     if IS_INT:
         low = unit * (-CODE_MAX_NEG)
         high = unit * CODE_MAX_POS
     else:
         low = tl.where(nonfinite, 0.0, unit * (-ELEM_MAX))
         high = tl.where(nonfinite, 0.0, unit * ELEM_MAX)
-    if FP16_OUT:
+    if OUT_IO == 1:
         low = low.to(tl.float16).to(tl.float32)
         high = high.to(tl.float16).to(tl.float32)
+    elif OUT_IO != 0:
+        low = low.to(tl.bfloat16).to(tl.float32)
+        high = high.to(tl.bfloat16).to(tl.float32)
     t = tl.minimum(tl.maximum(x, low), high)
     if IS_INT:
         magic = tl.where(nonfinite, float("nan"), _pow2(bounded + 23) * 1.5)
+        if WIDE:
+            r = (tl.fma(t, _pow2(shift), magic) - magic) * _pow2(-shift)
+        else:
+            r = (t + magic) - magic
     else:
+        if WIDE:
+            t = t * _pow2(shift)
         # magic bits = max(exponent field of t, floor) + ((23 - man_bits) << 23 | 1 << 22);
         # for a non-finite block the floor is chosen so that the sum is the NaN 0x7FC00000.
         step: tl.constexpr = ((23 - ELEM_MAN_BITS) << 23) | 0x400000
         floor = tl.where(nonfinite, 0x7FC00000 - step, (bounded + (ELEM_EMIN + 127)) << 23)
         field = t.to(tl.int32, bitcast=True) & 0x7F800000
         magic = (tl.maximum(field, floor) + step).to(tl.float32, bitcast=True)
-    r = (t + magic) - magic
+        r = (t + magic) - magic
+        if WIDE:
+            r = r * _pow2(-shift)
     return (r.to(tl.int32, bitcast=True) | sign_bit).to(tl.float32, bitcast=True)
 
 
@@ -343,7 +375,7 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
                               CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
                               ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr,
                               AT_QUANTUM: tl.constexpr = False, LEAN: tl.constexpr = False,
-                              FP16_OUT: tl.constexpr = False):
+                              OUT_IO: tl.constexpr = 0, WIDE: tl.constexpr = False):
     """The block-NaN fake-quantization of `_fake_quantize_tile` for any tile shape: amax_bits
     holds each element's block amax bit pattern (|x| bits maximized over the block), in a shape
     that broadcasts against x with singleton block axes, so per-block work stays per block.
@@ -354,9 +386,8 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     through a NaN scale factor (the hardware's NaN, not the constant) instead of a select.
 
     AT_QUANTUM: x is never scaled at all (`_round_at_block_quantum`, fewer instructions still,
-    the same values), for a caller that guarantees its range condition: fp16 values, or bf16
-    blocks it checked against kernels._direct_range. FP16_OUT (with AT_QUANTUM, fp16 values): the
-    result is already fp16(Q(x)) (see `_round_at_block_quantum`)."""
+    the same values), for fp16 values, or bf16 values with WIDE. OUT_IO (with AT_QUANTUM): the
+    result is already Q(x) rounded to that IO dtype (see `_round_at_block_quantum`)."""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
     nonfinite = amax_bits >= 0x7F800000
@@ -368,7 +399,7 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     code_exp = shared_exp + CODE_SHIFT
     if AT_QUANTUM:
         return _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT, CODE_MAX_POS,
-                                       CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, FP16_OUT)
+                                       CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, OUT_IO, WIDE)
     # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
     down_lo = (-code_exp) >> 1
     down_1 = _pow2(down_lo)

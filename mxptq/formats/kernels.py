@@ -755,40 +755,12 @@ def _walsh_plan(log_n: int, num_warps: int, register_bits: int) -> tuple[dict, i
     return plan, plan["M"] >> log_n
 
 
-def _direct_range(spec: _KernelSpec, dtype: torch.dtype) -> tuple[bool, float, float]:
-    """(DIRECT, DIRECT_LO, DIRECT_HI) of the Walsh kernel: a tile whose blocks all have amax in
-    [lo, hi) (or 0) is quantized by `_triton_mx._round_at_block_quantum` and its output needs
-    no rounding to the activation dtype; other tiles take the general path.
-
-    With code exponent c = block_exp + shared_offset + code_shift and floor(log2 amax) - ql <=
-    block_exp <= floor(log2 amax) + 1 (ql = floor(log2 qmax) for the symmetric rule, else 0),
-    amax >= 2^(c_lo + ql - shift) gives c >= c_lo and amax < 2^(c_hi - shift) gives c <= c_hi.
-    fp16: the direct rounding is always valid; Q(x) is an fp16 value when its quantum is at
-    least 2^-24 (c_lo) and |Q(x)| <= 2^15 (amax < 2^15: no block rounds up past it). Q(x) has at
-    most 7 significant bits (int8 codes; minifloat elements fewer), which fp16 and bf16 hold.
-    bf16: c and c + emin >= -126 keep 2^c, the magic numbers and Q(x) normal; c <= 88 keeps
-    them finite (the largest magic number is 1.5 * 2^(c + emax - man_bits + 23), emax - man_bits
-    <= 13 for e5m2). fp32 values take the general path."""
-    if dtype == torch.float16:
-        c_lo = -24 if spec.is_int else -24 - spec.elem_emin + spec.elem_man_bits
-        cap = 2.0**15
-    elif dtype == torch.bfloat16:
-        c_lo = -126 if spec.is_int else -126 - min(spec.elem_emin, 0)
-        cap = math.inf
-    else:
-        return False, 0.0, 0.0
-    c_hi = 88
-    ql = spec.qmax_log2 if spec.mode == _triton_mx.MODE_SYMMETRIC else 0
-    shift = spec.shared_offset + spec.code_shift
-    return True, 2.0 ** (c_lo + ql - shift), min(2.0 ** (c_hi - shift), cap)
-
-
 @functools.lru_cache(maxsize=64)
 def _fp16_q_stays_finite(fmt) -> bool:
     """Whether the reference's Q keeps every fp16 block within fp16's range (|Q(x)| <= 65504),
     checked exhaustively: one block per positive finite fp16 magnitude a, holding a and -a (Q is
     monotonic, so they bound the block). Then the rotated kernels need not round Q's output of an
-    fp16 tile to fp16 (`_triton_mx._round_at_block_quantum`, FP16_OUT). Rules that scale a
+    fp16 tile to fp16 (`_triton_mx._round_at_block_quantum`, OUT_IO). Rules that scale a
     block's amax up (the symmetric integer rule: 65504 / 2^14 rounds to 4, Q = 65536, which
     fp16 makes inf) keep the rounding."""
     from mxptq.formats.mx import quantize_reference  # here: mx imports this module
@@ -801,31 +773,23 @@ def _fp16_q_stays_finite(fmt) -> bool:
     return bool((quantize_reference(blocks, fmt).abs() <= 65504.0).all())
 
 
-# Where the Walsh kernel checks each tile against `_direct_range` (dtype -> most warps). The check
-# is one flag per tile, a reduction across the program's warps (a barrier); it pays only where
-# the fast tile saves many instructions. bf16 saves the two-factor scaling and the rounding of
-# Q's output (47.6 -> 41.2 SASS instructions per element at n = 2048), fp16 only that rounding
-# (41.7 -> 40.2; fp16 rounds at the block quantum on every tile anyway). Measured on the H100
-# (benchmarks/h100/walsh_direct.md): bf16 on 4 warps 5-8 % faster, fp16 2-9 % and bf16 on
-# 8 warps (n = 8192) 1-9 % slower.
-WALSH_RANGE_CHECK_MAX_WARPS = {torch.bfloat16: 4}
 
 
-def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry,
-                      num_warps: int) -> dict:
+def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry) -> dict:
     """Every constexpr of `_gluon_mx.mx_walsh_rotated_kernel` (compiled GPU code only: bf16
     loads and stores as bf16, see _triton_mx.IO_BF16_NATIVE)."""
     io = _compiled_io(dtype)
-    direct, lo, hi = _direct_range(entry.spec, dtype)
-    direct = direct and num_warps <= WALSH_RANGE_CHECK_MAX_WARPS.get(dtype, 0)
-    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, DIRECT=direct, DIRECT_LO=lo,
-                DIRECT_HI=hi, FP16_OUT=_fp16_out(dtype, entry))
+    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, OUT_IO=_out_io(dtype, entry))
 
 
-def _fp16_out(dtype: torch.dtype, entry: _FormatEntry) -> bool:
-    """FP16_OUT of the Gluon kernels: fp16 tiles skip rounding Q's output (1.5 SASS instructions
-    per element: a pack and an unpack) where the format allows (`_fp16_q_stays_finite`)."""
-    return dtype == torch.float16 and _fp16_q_stays_finite(entry.fmt)
+def _out_io(dtype: torch.dtype, entry: _FormatEntry) -> int:
+    """OUT_IO of the Gluon kernels: the IO code whose dtype Q's output is rounded to through the
+    clamp bounds, so that no element needs rounding (1.5 SASS instructions per element: a pack
+    and an unpack); 0 where each result is rounded. bf16 always; fp16 where the format allows
+    (`_fp16_q_stays_finite`); fp32 needs no rounding."""
+    if dtype == torch.bfloat16 or (dtype == torch.float16 and _fp16_q_stays_finite(entry.fmt)):
+        return _compiled_io(dtype)
+    return 0
 
 
 def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch.Tensor | None:
@@ -843,7 +807,7 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     # 1 / sqrt(n) as the reference's fp32 multiply uses it (a Python float, rounded to fp32)
     return _gluon_rotated(
         _gluon_mx.mx_walsh_rotated_kernel, "Walsh", x, n, 1.0 / math.sqrt(n), rows_per_tile, entry,
-        ("walsh", register_bits), lambda even: _walsh_constexprs(plan, even, x.dtype, block, entry, num_warps),
+        ("walsh", register_bits), lambda even: _walsh_constexprs(plan, even, x.dtype, block, entry),
         (num_warps, programs_per_sm, max_registers), failure_key)
 
 
@@ -910,7 +874,7 @@ def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, ent
     io = _compiled_io(dtype)
     return dict(plan, EVEN=even, K=kron.k, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
                 INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
-                **entry.constexprs, FP16_OUT=_fp16_out(dtype, entry))
+                **entry.constexprs, OUT_IO=_out_io(dtype, entry))
 
 
 def _kron_setting(dtype: torch.dtype, n: int) -> tuple[int, int, int]:

@@ -383,7 +383,8 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
                            SHARED_MIN: tl.constexpr, SHARED_MAX: tl.constexpr, ZERO_SHARED: tl.constexpr,
                            CODE_SHIFT: tl.constexpr, IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
                            CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
-                           ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr, FP16_OUT: tl.constexpr = False):
+                           ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr, OUT_IO: tl.constexpr = 0,
+                           WIDE: tl.constexpr = False):
         offsets = tl.arange(0, GROUP)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         x = tl.load(x_ptr + offsets)
         # the Walsh kernel's block amax: a float max of |x| (all of a block is finite or none is)
@@ -391,7 +392,7 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
         y = _triton_mx._fake_quantize_given_amax(x, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
                                                  SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
                                                  CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                                 AT_QUANTUM=AT_QUANTUM, LEAN=LEAN, FP16_OUT=FP16_OUT)
+                                                 AT_QUANTUM=AT_QUANTUM, LEAN=LEAN, OUT_IO=OUT_IO, WIDE=WIDE)
         tl.store(y_ptr + offsets, y)
 
 
@@ -427,19 +428,20 @@ def test_walsh_kernels_fp16_quantizer_equals_the_reference_bit_for_bit(fmt: Form
     assert bool((same_sign | ref.isnan()).all()), "a zero's sign differs from the reference"
 
 
-def _given_amax(x: torch.Tensor, fmt: Format, at_quantum: bool, fp16_out: bool = False) -> torch.Tensor:
-    """The Walsh kernel's quantizer on x's blocks: AT_QUANTUM, or else the LEAN general path."""
+def _given_amax(x: torch.Tensor, fmt: Format, at_quantum: bool, out_io: int = 0, wide: bool = False) -> torch.Tensor:
+    """The rotated kernels' quantizer on x's blocks: AT_QUANTUM (with OUT_IO, WIDE), or else the
+    LEAN general path."""
     y = torch.empty_like(x)
     for start in range(0, x.shape[0], 8):
         _given_amax_kernel[(1,)](x[start:start + 8], y[start:start + 8], BLOCK=32, GROUP=8,
-                                 AT_QUANTUM=at_quantum, LEAN=True, FP16_OUT=fp16_out,
+                                 AT_QUANTUM=at_quantum, LEAN=True, OUT_IO=out_io, WIDE=wide,
                                  **kernels._format_entry(fmt).constexprs)
     return y
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
 def test_walsh_kernels_fp16_out_equals_the_reference_rounded_to_fp16(fmt: Format) -> None:
-    """FP16_OUT (the rotated kernels on fp16 tiles, where kernels._fp16_q_stays_finite allows):
+    """OUT_IO = fp16 (the rotated kernels on fp16 tiles, where kernels._fp16_q_stays_finite allows):
     with the block's bounds rounded to fp16 instead of each result, the quantizer gives exactly
     the reference's Q(x).to(float16) on fp16 blocks of every scale, zero signs included. Where it
     is not allowed, some fp16 block really does quantize past 65504 (to inf in fp16)."""
@@ -451,9 +453,9 @@ def test_walsh_kernels_fp16_out_equals_the_reference_rounded_to_fp16(fmt: Format
         blocks = torch.cat([magnitudes, -magnitudes])[:, None].expand(-1, fmt.block_size)
         assert float(quantize_reference(blocks, fmt).abs().max()) > 65504.0
         return
-    y = _given_amax(x, fmt, at_quantum=True, fp16_out=True)
+    y = _given_amax(x, fmt, at_quantum=True, out_io=_triton_mx.IO_FP16)
     expected = ref.to(torch.float16).float()
-    _assert_same(y, expected, f"{_ids(fmt)} FP16_OUT")
+    _assert_same(y, expected, f"{_ids(fmt)} OUT_IO fp16")
     assert bool(((torch.signbit(y) == torch.signbit(expected)) | expected.isnan()).all())
 
 
@@ -474,25 +476,20 @@ def test_fp16_q_stays_finite_against_hand_computed_tops() -> None:
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_walsh_kernels_direct_range_is_exact_and_needs_no_dtype_rounding(fmt: Format, dtype) -> None:
-    """The Walsh kernel's fast tile (kernels._direct_range): on every block whose amax lies in
-    [lo, hi) or is 0, rounding straight at the block quantum equals the reference, and the
-    result is already a value of the activation dtype (so the kernel skips that rounding).
-    The test data has blocks outside the range too, and ordinary scales are inside it."""
-    direct, lo, hi = kernels._direct_range(kernels._format_entry(fmt).spec, dtype)
-    assert direct
-    x = _dtype_blocks(32, dtype).to(DEVICE)
+def test_walsh_kernels_bf16_quantizer_is_exact_at_every_scale(fmt: Format) -> None:
+    """WIDE (the rotated kernels on bf16 tiles): rounding straight at the block quantum, with
+    blocks beyond fp32's normal range (c above 88 or below -100) rounded at a 2^-+64 scale and
+    scaled back, equals the reference on bf16 blocks of every scale, fp32 subnormals included;
+    with OUT_IO = bf16 (its bounds rounded to bf16) it equals the reference rounded to bf16."""
+    x = _dtype_blocks(32, torch.bfloat16).to(DEVICE)
     amax = x.abs().amax(dim=1)
-    inside = ((amax >= lo) & (amax < hi)) | (amax == 0)
-    assert 0 < int(inside.sum()) < x.shape[0] - 2, "the data should have blocks inside and outside the range"
-    y = _given_amax(x, fmt, at_quantum=True)[inside]
-    ref = quantize_reference(x, fmt)[inside]
-    _assert_same(y, ref, f"{_ids(fmt)} {dtype} inside the direct range")
-    assert bool((torch.signbit(y) == torch.signbit(ref)).all())
-    assert torch.equal(y.to(dtype).float(), y), "a direct-range result is not a value of the dtype"
-    # Ordinary activation scales take the fast tile, except fp16 with 8-bit minifloats: their
-    # grid under a small block's scale is finer than fp16's subnormals (2^-24), so those tiles
-    # keep the rounding to fp16 (still on the direct path, which is exact for every fp16 tile).
-    if dtype == torch.bfloat16 or fmt.element.bits <= 6:
-        assert lo <= 2.0**-8 and hi >= 2.0**8, "ordinary activation scales should take the fast tile"
+    assert bool((amax > 2.0**110).any()) and bool(((amax < 2.0**-110) & (amax > 0)).any()), \
+        "the data should hold blocks on both sides of the scaled range"
+    ref = quantize_reference(x, fmt)
+    y = _given_amax(x, fmt, at_quantum=True, wide=True)
+    _assert_same(y, ref, f"{_ids(fmt)} WIDE")
+    assert bool(((torch.signbit(y) == torch.signbit(ref)) | ref.isnan()).all())
+    y = _given_amax(x, fmt, at_quantum=True, out_io=_triton_mx.IO_BF16_NATIVE, wide=True)
+    expected = ref.to(torch.bfloat16).float()
+    _assert_same(y, expected, f"{_ids(fmt)} WIDE, OUT_IO bf16")
+    assert bool(((torch.signbit(y) == torch.signbit(expected)) | expected.isnan()).all())

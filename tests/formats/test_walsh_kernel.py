@@ -209,19 +209,20 @@ def test_walsh_kernel_nonfinite_rows_follow_the_reference() -> None:
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.element.name}-{f.scale_rule.value}")
-def test_walsh_kernel_tiles_outside_the_direct_range_take_the_general_path(dtype, fmt) -> None:
-    """bf16: tiles (4 rows at n = 2048) whose blocks are all in kernels._direct_range run the
-    fast path, a tile with one tiny or one huge row the general one; fp16 tiles of both kinds
-    run the direct rounding plus the rounding to fp16. All bit-exact."""
+def test_walsh_kernel_bit_exact_on_blocks_of_extreme_scale(dtype, fmt) -> None:
+    """Rows whose H x blocks sit at the ends of the dtype's range, bit-exact: fp16 at its
+    smallest subnormal (2^-24) and near 2^14; bf16 around 2^-120 and 2^100, where the kernel
+    rounds at a 2^-+64 scale (`_triton_mx._round_at_block_quantum`, WIDE: code exponents below
+    -100 or above 88)."""
     rotation = hadamard.get_rotation(2048)
     x = sample_rows(16, 2048, dtype, seed=11).float()
-    _, lo, hi = kernels._direct_range(kernels._format_entry(fmt).spec, dtype)
-    # tile 1: blocks below the range (fp16: random signs at its smallest subnormal, 2^-24)
-    x[5] = x[5].sign() * 2.0**-24 if dtype == torch.float16 else x[5] / x[5].abs().max() * lo / 4
-    x[10] = 1.2 * hi / 2048**0.5  # tile 2: a constant row, whose H x has one element 1.2 * hi
+    tiny, huge = (2.0**-24, 1.2 * 2.0**14) if dtype == torch.float16 else (2.0**-120, 2.0**100)
+    x[5] = x[5].sign() * tiny if dtype == torch.float16 else x[5] / x[5].abs().max() * tiny
+    x[10] = huge / 2048**0.5  # a constant row: its H x has one element `huge`, the rest 0
     x = x.to(dtype)
     amax = rotation.forward(x).float().reshape(16, -1, 32).abs().amax(-1)
-    assert bool(((amax[5] < lo) & (amax[5] > 0)).any()) and bool((amax[10] >= hi).any())
+    low, high = (2.0**-20, 2.0**13) if dtype == torch.float16 else (2.0**-100, 2.0**95)
+    assert bool(((amax[5] < low) & (amax[5] > 0)).any()) and bool((amax[10] >= high).any())
     _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), f"{dtype} {fmt}")
 
 
