@@ -175,11 +175,17 @@ WALSH_SWEEP = ((4, 6, 4, 0), (4, 6, 8, 0), (4, 6, 5, 96), (4, 6, 6, 80), (4, 6, 
                (8, 6, 3, 80), (4, 5, 8, 0), (8, 5, 4, 0), (8, 5, 2, 0), (16, 5, 2, 0), (4, 7, 2, 0), (8, 7, 1, 0))
 
 
-def _walsh_settings(text: str) -> tuple:
-    """--walsh-settings: '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0), (8, 5, 4, 0))."""
+# The kron kernel's sweep: (warps, programs per SM, values per thread over the K slices, register cap).
+KRON_SWEEP = ((4, 8, 96, 0), (4, 3, 96, 0), (4, 4, 96, 128), (4, 8, 96, 128), (4, 5, 96, 96), (4, 10, 96, 96),
+              (4, 6, 96, 80), (4, 12, 96, 80), (8, 2, 96, 128), (8, 4, 96, 128), (8, 3, 96, 80), (4, 8, 48, 0),
+              (4, 8, 160, 0))
+
+
+def _settings(text: str) -> tuple:
+    """--walsh-settings / --kron-settings: '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0), (8, 5, 4, 0))."""
     settings = tuple(tuple(int(v) for v in item.split(",")) for item in text.split(":"))
     if any(len(setting) != 4 for setting in settings):
-        raise argparse.ArgumentTypeError(f"four integers per setting (warps,bits,programs,cap), got {text!r}")
+        raise argparse.ArgumentTypeError(f"four integers per setting, ':' between settings; got {text!r}")
     return settings
 
 
@@ -206,9 +212,7 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
     programs of 4 warps share an SM."""
     key = (DTYPES[dtype_name], n)  # this size's own setting (kernels._kron_setting looks it up first)
     default, default_values = kernels.KRON_CONFIGS.get(key), kernels.KRON_MAX_VALUES
-    for setting in ((4, 8, 96, 0), (4, 3, 96, 0), (4, 4, 96, 128), (4, 8, 96, 128), (4, 5, 96, 96),
-                    (4, 10, 96, 96), (4, 6, 96, 80), (4, 12, 96, 80), (8, 2, 96, 128), (8, 4, 96, 128),
-                    (8, 3, 96, 80), (4, 8, 48, 0), (4, 8, 160, 0)):
+    for setting in args.kron_settings:
         warps, per_sm, values, cap = setting
         kernels.KRON_CONFIGS[key] = (warps, per_sm, cap)
         kernels.KRON_MAX_VALUES = values
@@ -289,8 +293,11 @@ def main() -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
     ap.add_argument("--sweep", action="store_true", help="only time kernel settings (tile, warps, split)")
     ap.add_argument("--sweep-rotated-only", action="store_true", help="with --sweep: only the rotated kernel")
-    ap.add_argument("--walsh-settings", type=_walsh_settings, default=WALSH_SWEEP,
+    ap.add_argument("--walsh-settings", type=_settings, default=WALSH_SWEEP,
                     help="with --sweep: the Walsh kernel's settings, warps,log2 values per thread,programs per SM,"
+                         "register cap (0: none), ':' between settings")
+    ap.add_argument("--kron-settings", type=_settings, default=KRON_SWEEP,
+                    help="with --sweep: the kron kernel's settings, warps,programs per SM,values per thread,"
                          "register cap (0: none), ':' between settings")
     ap.add_argument("--sweep-walsh-only", action="store_true", help="with --sweep: only the Gluon kernels (Walsh, kron)")
     args = ap.parse_args()
