@@ -57,6 +57,27 @@ def _butterfly(x, H: gl.constexpr, M: gl.constexpr):
 
 
 @gluon.jit
+def _lane_butterfly(x, ASM: gl.constexpr):
+    """One level of the Walsh transform whose bit is a lane-id bit of x's layout: ASM
+    (`lane_butterfly_asm`) swaps each value with its partner lane's by a butterfly shuffle (4
+    bytes of crossbar traffic, no shared memory, no barrier) and returns partner + x on the
+    lower lane (a + c) or partner - x on the upper one (a - c)."""
+    return gl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1)
+
+
+def lane_butterfly_asm(lane_mask: int) -> str:
+    """The PTX of `_lane_butterfly` for the lane-id bit lane_mask: fma(x, +-1, partner) rounds
+    the sum or difference once, the same IEEE fp32 add or subtract as `_butterfly`; the lane's
+    sign is the same in every use, so ptxas computes it once."""
+    if lane_mask not in (1, 2, 4, 8, 16):
+        raise ValueError(f"lane_butterfly_asm: a lane-id bit, got {lane_mask}")
+    return ("{ .reg .b32 p, l; .reg .pred u; .reg .f32 s; "
+            f"shfl.sync.bfly.b32 p, $1, {lane_mask}, 0x1f, -1; "
+            f"mov.u32 l, %laneid; and.b32 l, l, {lane_mask}; setp.ne.u32 u, l, 0; "
+            "selp.f32 s, 0fBF800000, 0f3F800000, u; fma.rn.f32 $0, $1, s, p; }")
+
+
+@gluon.jit
 def _stage(x, LAYOUT: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr, M: gl.constexpr):
     """Move the tile to LAYOUT (whose registers hold bits FIRST..LAST-1), then run those levels."""
     x = gl.convert_layout(x, LAYOUT)
@@ -68,14 +89,22 @@ def _stage(x, LAYOUT: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr, M: 
 @gluon.jit
 def _walsh(x, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr,
            E0: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr, E3: gl.constexpr,
-           N_STAGES: gl.constexpr, M: gl.constexpr, FIRST: gl.constexpr = 0):
-    """Unnormalized Walsh transform of every row of the tile: stage k holds bits E(k-1)..Ek-1
-    in registers of layout Sk (E(-1) = FIRST, the row's lowest index bit)."""
-    x = _stage(x, S0, FIRST, E0, M)
+           N_STAGES: gl.constexpr, M: gl.constexpr, FIRST: gl.constexpr = 0,
+           LANE_STAGE: gl.constexpr = -1, LANE_ASM: gl.constexpr = ""):
+    """Unnormalized Walsh transform of every row of the tile: stage k runs bits E(k-1)..Ek-1
+    (E(-1) = FIRST, the row's lowest index bit), in registers of layout Sk, except that stage
+    LANE_STAGE runs its last bit across lanes (`_lane_butterfly` with LANE_ASM)."""
+    x = _stage(x, S0, FIRST, E0 - (LANE_STAGE == 0), M)
+    if LANE_STAGE == 0:
+        x = _lane_butterfly(x, LANE_ASM)
     if N_STAGES > 1:
-        x = _stage(x, S1, E0, E1, M)
+        x = _stage(x, S1, E0, E1 - (LANE_STAGE == 1), M)
+        if LANE_STAGE == 1:
+            x = _lane_butterfly(x, LANE_ASM)
     if N_STAGES > 2:
-        x = _stage(x, S2, E1, E2, M)
+        x = _stage(x, S2, E1, E2 - (LANE_STAGE == 2), M)
+        if LANE_STAGE == 2:
+            x = _lane_butterfly(x, LANE_ASM)
     if N_STAGES > 3:
         x = _stage(x, S3, E2, E3, M)
     return x
@@ -93,7 +122,7 @@ def mx_walsh_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
-    OUT_IO: gl.constexpr,
+    OUT_IO: gl.constexpr, LANE_STAGE: gl.constexpr, LANE_ASM: gl.constexpr,
 ):
     """y = H^T Q(H x) for every row of a row-major [n_rows, 2^LOG_N] tensor, H = H_2^L / sqrt(n)
     (Sylvester order, symmetric: the inverse is the same transform), one read and one write.
@@ -111,7 +140,7 @@ def mx_walsh_rotated_kernel(
         else:
             mask = (local >> LOG_N) < n_rows - tile.to(gl.int64) * (M >> LOG_N)
         x = _mx._load_f32_fast(x_ptr + base + local, mask, IO)
-        x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
+        x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 0, LANE_STAGE, LANE_ASM)
         # The reference rounds H x to the activation dtype (Rotation.forward keeps the dtype)
         # and Q's output too (quantize keeps it).
         x = gl.convert_layout(x, IO_LAYOUT)
@@ -132,7 +161,7 @@ def mx_walsh_rotated_kernel(
         x = gl.reshape(q, (M,))
         if OUT_IO == 0:  # (else q is already Q(x) rounded to the activation dtype)
             x = _mx._round_through_io(x, IO)
-        x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M)
+        x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 0, LANE_STAGE, LANE_ASM)
         x = gl.convert_layout(x, IO_LAYOUT)
         _mx._store_f32_fast(y_ptr + base + local, x * scale, mask, IO)
 
@@ -366,7 +395,7 @@ def walsh_plan(log_n: int, num_warps: int, register_bits: int = REGISTER_BITS) -
                + list(range(log_n, log_n + register_row_bits)))
     io_lanes = list(range(VECTOR_BITS, VECTOR_BITS + LANE_BITS))
     io_warps = [b for b in range(total) if b not in io_regs and b not in io_lanes]
-    return _stage_plan(io_regs, io_lanes, io_warps, total, log_n, register_bits)
+    return _stage_plan(io_regs, io_lanes, io_warps, total, log_n, register_bits, lane_level=True)
 
 
 def _linear_layout(regs: list, lanes: list, warps: list, total: int):
@@ -379,11 +408,16 @@ def _linear_layout(regs: list, lanes: list, warps: list, total: int):
 
 
 def _stage_plan(io_regs: list, io_lanes: list, io_warps: list, total: int, log_n: int,
-                register_bits: int, first: int = 0) -> dict:
+                register_bits: int, first: int = 0, lane_level: bool = False) -> dict:
     """The constexprs of a tile of 2^total elements whose rows are 2^log_n long, given its IO
     layout's register, lane and warp bits: the IO layout and the stages that bring every
     butterfly bit first..first+log_n-1 into registers in turn (stage 0 is the IO layout). Bits
-    below `first` (the kron kernel's slice bits) stay in registers in every stage."""
+    below `first` (the kron kernel's slice bits) stay in registers in every stage.
+
+    lane_level: a single bit left between a stage's registers and the IO layout's (8192 on 64
+    values per thread: bit 9) would cost a stage of its own, two more trips through shared
+    memory; where it is a lane bit of the stage before, that stage runs it by warp shuffle
+    instead (LANE_STAGE, LANE_ASM: `_lane_butterfly`)."""
 
     def layout(regs, lanes, warps):
         return _linear_layout(regs, lanes, warps, total)
@@ -392,19 +426,26 @@ def _stage_plan(io_regs: list, io_lanes: list, io_warps: list, total: int, log_n
     assert all(b in io_regs for b in fixed), io_regs
     io_layout = layout(io_regs, io_lanes, io_warps)
     stages = []  # (layout, end bit)
-    current, current_regs = io_layout, io_regs
+    lane_stage, lane_asm = -1, ""
+    current, current_regs, current_lanes = io_layout, io_regs, io_lanes
     last = first + log_n
     b = first
     while b < last:
         if b in io_regs and b not in current_regs:
-            current, current_regs = io_layout, io_regs
+            current, current_regs, current_lanes = io_layout, io_regs, io_lanes
+        elif (lane_level and lane_stage < 0 and stages and b not in current_regs and b in current_lanes
+              and (b + 1 == last or b + 1 in io_regs)):
+            lane_stage, lane_asm = len(stages) - 1, lane_butterfly_asm(1 << current_lanes.index(b))
+            stages[-1] = (current, b + 1)
+            b += 1
+            continue
         elif b not in current_regs:
             stop = min([last, b + register_bits - first] + [i for i in io_regs if i > b])
             regs = fixed + list(range(b, stop))
             rest = [i for i in range(total) if i not in regs]
             regs += rest[: register_bits - len(regs)]
             rest = [i for i in range(total) if i not in regs]
-            current, current_regs = layout(regs, rest[:LANE_BITS], rest[LANE_BITS:]), regs
+            current, current_regs, current_lanes = layout(regs, rest[:LANE_BITS], rest[LANE_BITS:]), regs, rest[:LANE_BITS]
         end = b
         while end < last and end in current_regs:
             end += 1
@@ -413,6 +454,8 @@ def _stage_plan(io_regs: list, io_lanes: list, io_warps: list, total: int, log_n
     if len(stages) > MAX_STAGES:
         raise ValueError(f"{len(stages)} layout stages for rows of 2^{log_n} (at most {MAX_STAGES})")
     consts = {"IO_LAYOUT": io_layout, "N_STAGES": len(stages), "LOG_N": log_n, "M": 1 << total}
+    if lane_level:  # (the kron kernel's plan has neither)
+        consts.update(LANE_STAGE=lane_stage, LANE_ASM=lane_asm)
     for k in range(MAX_STAGES):
         stage_layout, end = stages[min(k, len(stages) - 1)]
         consts[f"S{k}"] = stage_layout
@@ -420,11 +463,13 @@ def _stage_plan(io_regs: list, io_lanes: list, io_warps: list, total: int, log_n
     return consts
 
 
-def stage_register_bits(consts: dict, first: int = 0) -> list[tuple[list[int], int, int]]:
-    """For tests: each stage's register bits and bit range [first, end) (levels from `first`)."""
+def stage_register_bits(consts: dict, first: int = 0) -> list[tuple[list[int], int, int, list[int]]]:
+    """For tests: each stage's register bits, its bit range [first, end) (levels from `first`)
+    and the lane bits among them (the LANE_STAGE's last bit, run by `_lane_butterfly`)."""
     out = []
     for k in range(consts["N_STAGES"]):
         regs = [basis[0].bit_length() - 1 for basis in consts[f"S{k}"].reg_bases]
-        out.append((regs, first, consts[f"E{k}"]))
-        first = consts[f"E{k}"]
+        end = consts[f"E{k}"]
+        out.append((regs, first, end, [end - 1] if consts.get("LANE_STAGE", -1) == k else []))
+        first = end
     return out

@@ -90,11 +90,11 @@ def test_kron_plan_runs_every_level_in_registers(log_p, register_bits, num_warps
     assert [b[0].bit_length() - 1 for b in io.reg_bases] == list(range(register_bits)), "IO: consecutive elements"
     assert plan["VECTOR"] == 1 << register_bits
     levels = []
-    for regs, first, end in gluon_mx.stage_register_bits(plan, first=2):
-        assert first < end and all(b in regs for b in range(first, end)), "a level off registers"
+    for regs, first, end, lanes in gluon_mx.stage_register_bits(plan, first=2):
+        assert first < end and all(b in regs for b in range(first, end)) and not lanes, "a level off registers"
         levels.extend(range(first, end))
     assert sorted(levels) == list(range(2, log_p + 2)), "bits 0-1 are the slice within a group of four"
-    assert all(b in regs for regs, _, _ in gluon_mx.stage_register_bits(plan, first=2) for b in (0, 1))
+    assert all(b in regs for regs, _, _, _ in gluon_mx.stage_register_bits(plan, first=2) for b in (0, 1))
     # a slice tile has warps x 32 lanes x 2^register_bits elements: that many / 2^log_p rows
     assert kernels._kron_tile(log_p, num_warps, register_bits)[1] == (num_warps * 32 << register_bits) >> log_p
 

@@ -56,10 +56,26 @@ def test_walsh_plan_runs_every_level_in_registers_in_reference_order(log_n, num_
     io = plan["IO_LAYOUT"]
     assert _bits(io.reg_bases)[:3] == [0, 1, 2] and _bits(io.lane_bases) == [3, 4, 5, 6, 7]
     levels = []
-    for regs, first, end in gluon_mx.stage_register_bits(plan):
-        assert first < end and all(b in regs for b in range(first, end)), "a level off registers"
+    for k, (regs, first, end, lanes) in enumerate(gluon_mx.stage_register_bits(plan)):
+        assert first < end and all(b in regs or b in lanes for b in range(first, end)), "a level off registers"
+        if lanes:  # the one level run by warp shuffle: a lane bit of this stage, its last level
+            stage_lanes = _bits(plan[f"S{k}"].lane_bases)
+            assert lanes == [end - 1] and lanes[0] in stage_lanes and lanes[0] not in regs
+            assert plan["LANE_ASM"] == gluon_mx.lane_butterfly_asm(1 << stage_lanes.index(lanes[0]))
         levels.extend(range(first, end))
     assert levels == list(range(log_n)), "levels out of the reference's order"
+    # a lane level replaces a stage that would have held one bit: 8192 on 64 values per thread
+    assert (plan["LANE_STAGE"] >= 0) == ((log_n, register_bits) in ((13, 6), (11, 5))), plan["LANE_STAGE"]
+
+
+def test_lane_butterfly_asm_is_a_shuffle_and_one_fused_add() -> None:
+    """The PTX of the shuffle level: a butterfly shuffle across the given lane-id bit, the
+    lane's sign from that bit of %laneid, and one fma (one rounding: a + c or a - c)."""
+    asm = gluon_mx.lane_butterfly_asm(8)
+    assert "shfl.sync.bfly.b32 p, $1, 8, 0x1f, -1;" in asm and "and.b32 l, l, 8;" in asm
+    assert asm.count("fma.rn.f32") == 1 and "0fBF800000" in asm  # -1.0 on the upper lane
+    with pytest.raises(ValueError):
+        gluon_mx.lane_butterfly_asm(3)
 
 
 def test_dispatch_sends_walsh_rotations_to_the_gluon_kernel_and_others_to_the_mma_kernel(monkeypatch) -> None:
@@ -167,6 +183,32 @@ def test_walsh_kernel_bit_exact_every_length_and_dtype(n, dtype) -> None:
         _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), f"n={n} rows={rows}")
     assert not kernels.GLUON_FAILURES
     assert _ran_walsh(fmt, n, dtype), "the Gluon kernel did not run"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n,setting", [(8192, (4, 6, 8, 0)), (8192, (8, 6, 2, 0)), (2048, (8, 5, 4, 0))])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_walsh_kernel_lane_level_bit_exact(n, setting, dtype, monkeypatch) -> None:
+    """Settings whose plan runs one level by warp shuffle (`_gluon_mx._lane_butterfly`): bit
+    for bit the reference, every format, whole and ragged tiles, a NaN row."""
+    log_n = n.bit_length() - 1
+    assert gluon_mx.walsh_plan(log_n, setting[0], setting[1])["LANE_STAGE"] >= 0
+    monkeypatch.setitem(kernels.WALSH_CONFIGS, log_n, setting)
+    kernels.clear_caches()
+    try:
+        rotation = hadamard.get_rotation(n)
+        for i, fmt in enumerate(FORMATS):
+            rows = (37, 64)[i % 2]
+            x = sample_rows(rows, n, dtype, seed=i)
+            if i == 0:
+                x[3, 7] = float("nan")
+            _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation),
+                              f"n={n} {setting} {fmt}")
+            assert _ran_walsh(fmt, n, dtype), "the Gluon kernel did not run"
+        assert not kernels.GLUON_FAILURES
+    finally:
+        kernels.clear_caches()
 
 
 @pytest.mark.cuda
