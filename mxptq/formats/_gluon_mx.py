@@ -90,7 +90,7 @@ def _stage(x, LAYOUT: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr, M: 
 def _walsh(x, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr,
            E0: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr, E3: gl.constexpr,
            N_STAGES: gl.constexpr, M: gl.constexpr, FIRST: gl.constexpr = 0,
-           LANE_STAGE: gl.constexpr = -1, LANE_ASM: gl.constexpr = ""):
+           LANE_STAGE: gl.constexpr = -1, LANE_ASM: gl.constexpr = None):
     """Unnormalized Walsh transform of every row of the tile: stage k runs bits E(k-1)..Ek-1
     (E(-1) = FIRST, the row's lowest index bit), in registers of layout Sk, except that stage
     LANE_STAGE runs its last bit across lanes (`_lane_butterfly` with LANE_ASM)."""
