@@ -704,10 +704,11 @@ def _sm_count(device: torch.device) -> int:
 # Walsh-rotated kernel (Gluon): (num_warps, log2 of the values per thread, programs per SM,
 # register cap (maxnreg; 0 = ptxas's choice)) by log2 of the row length, from the sweeps on an
 # H100 (benchmarks/h100/walsh_sweep.md): rows up to 2^12 run 64 values per thread on 4 warps,
-# 2^13 32 values on 8 warps. 2^12 is capped at 128 registers: its bf16 minifloat kernel took
-# 135 (3 programs per SM instead of 4). 2^14 and 2^15 (not measured) take 64 values per thread
-# on as many warps as one row needs.
-WALSH_CONFIGS = {12: (4, 6, 8, 128), 13: (8, 5, 4, 0), 14: (8, 6, 4, 0), 15: (16, 6, 2, 0)}
+# 2^13 32 values on 8 warps. The caps keep programs per SM: 2^12 at 128 registers (its bf16
+# minifloat kernel took 135, 3 programs per SM instead of 4), 2^13 at 64 (bf16 MXINT4 took 68:
+# 350 -> 317 us). 2^14 and 2^15 (not measured) take 64 values per thread on as many warps as
+# one row needs.
+WALSH_CONFIGS = {12: (4, 6, 8, 128), 13: (8, 5, 4, 64), 14: (8, 6, 4, 0), 15: (16, 6, 2, 0)}
 WALSH_DEFAULT_CONFIG = (4, 6, 8, 0)
 WALSH_LOG_N_RANGE = (8, 15)
 # Tests switch this off to run the MMA kernel on Walsh sizes too.
