@@ -451,6 +451,7 @@ def _stage_plan(io_regs: list, io_lanes: list, io_warps: list, total: int, log_n
             end += 1
         stages.append((current, end))
         b = end
+    assert lane_stage <= MAX_STAGES - 2, lane_stage  # `_walsh` runs a lane level after stages 0-2 only
     if len(stages) > MAX_STAGES:
         raise ValueError(f"{len(stages)} layout stages for rows of 2^{log_n} (at most {MAX_STAGES})")
     consts = {"IO_LAYOUT": io_layout, "N_STAGES": len(stages), "LOG_N": log_n, "M": 1 << total}

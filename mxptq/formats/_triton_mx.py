@@ -12,6 +12,10 @@ tests/formats/test_kernels.py for the check):
 * round-half-to-even onto a grid of quantum 2^q is `(m + 1.5*2^(q+23)) - 1.5*2^(q+23)`, the
   classic IEEE "magic number" rounding, exact for m < 2^(q+22) (Goldberg 1991, sec. 2.4; it is
   what IEEE-754 addition does in round-to-nearest-even mode).
+
+The rotated kernels' bf16 rounding (`_round_at_block_quantum`, WIDE) does use fp32 subnormals
+(2^c below 2^-126, the bounds of tiny blocks): it assumes what Triton compiles to, IEEE add,
+multiply and fma without flush-to-zero (no `.ftz` in the PTX), as the interpreter does too.
 """
 
 import triton
@@ -315,15 +319,16 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     scaled value's own. The bounds use the exact 2^c (an fp32 subnormal below 2^-126).
 
     OUT_IO (an IO code; 0: none): x holds values of that 16-bit dtype and the caller wants Q(x)
-    rounded to it, as the reference's `.to(dtype)` of Q, without rounding each element: the two
-    bounds are rounded to the dtype instead (per block). Where the block's quantum is at least
-    the dtype's smallest subnormal (2^-24, bf16 2^-133), every grid value is a value of the
-    dtype (at most 7 significant bits), so the bounds and r are unchanged. Where it is finer,
-    x is already on the grid, r = t, and round(clamp(x, lo, hi)) = clamp(x, round(lo),
-    round(hi)) because rounding is monotonic and x is a value of the dtype. What this cannot
-    give is fp16's overflow to +-inf when Q rounds past 65504 (bf16's range is fp32's): the
-    caller asks for fp16 only for formats whose Q of an fp16 block never does
-    (kernels._fp16_q_stays_finite)."""
+    rounded to it, as the reference's `.to(dtype)` of Q, without rounding each element. Per
+    element: r has at most 7 significant bits, so it is a value of the dtype whenever its
+    quantum is at least the dtype's smallest subnormal (fp16 2^-24, bf16 2^-133); where the
+    element's quantum is finer, x (a multiple of that subnormal) is already on the grid and r is
+    x clamped. So only the clamp bounds need rounding: round(clamp(x, lo, hi)) = clamp(x,
+    round(lo), round(hi)), as rounding is monotonic and x is a value of the dtype. fp16 rounds
+    its bounds per block; bf16's are bf16 values already (at most 7 significant bits, multiples
+    of 2^c >= 2^-133, or inf), so nothing is rounded. What this cannot give is fp16's overflow to
+    +-inf when Q rounds past 65504 (bf16's range is fp32's): the caller asks for fp16 only for
+    formats whose Q of an fp16 block never does (kernels._fp16_q_stays_finite)."""
     sign_bit = bits & (-2147483648)
     if WIDE:
         shift = tl.where(code_exp > 88, -64, tl.where(code_exp < -100, 64, 0))
@@ -338,12 +343,9 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     else:
         low = tl.where(nonfinite, 0.0, unit * (-ELEM_MAX))
         high = tl.where(nonfinite, 0.0, unit * ELEM_MAX)
-    if OUT_IO == 1:
+    if OUT_IO == 1:  # (bf16 needs nothing: its bounds are bf16 values already, see above)
         low = low.to(tl.float16).to(tl.float32)
         high = high.to(tl.float16).to(tl.float32)
-    elif OUT_IO != 0:
-        low = low.to(tl.bfloat16).to(tl.float32)
-        high = high.to(tl.bfloat16).to(tl.float32)
     t = tl.minimum(tl.maximum(x, low), high)
     if IS_INT:
         magic = tl.where(nonfinite, float("nan"), _pow2(bounded + 23) * 1.5)

@@ -51,7 +51,7 @@ import functools
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -768,14 +768,12 @@ def _fp16_q_stays_finite(fmt) -> bool:
     fp16 makes inf) keep the rounding."""
     from mxptq.formats.mx import quantize_reference  # here: mx imports this module
 
+    # Blocks of two whatever the format's size (the scale rule depends on the amax only): both
+    # signs are needed, an integer code range such as -8..7 is uneven.
+    pair = replace(fmt, block_size=2)
     magnitudes = torch.arange(1, 0x7C00, dtype=torch.int16).view(torch.float16).float()
-    blocks = torch.zeros(magnitudes.numel(), fmt.block_size)
-    blocks[:, 0] = magnitudes
-    if fmt.block_size > 1:
-        blocks[:, 1] = -magnitudes
-    return bool((quantize_reference(blocks, fmt).abs() <= 65504.0).all())
-
-
+    blocks = torch.stack([magnitudes, -magnitudes], dim=1)
+    return bool((quantize_reference(blocks, pair).abs() <= 65504.0).all())
 
 
 def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry) -> dict:
@@ -820,7 +818,7 @@ def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, row
     persistent programs, `setting` = (num_warps, programs per SM, register cap), over tiles of
     rows_per_tile rows. The compiled variant is cached in the format's entry under the key
     (kernel name, n, dtype, device, plan, setting, whether the rows fill whole tiles), where
-    variant = (kernel name, plan); constexprs(even) builds its constants on first use. None where
+    variant = (kernel name, what identifies its plan: register bits, the kron plan); constexprs(even) builds its constants on first use. None where
     the launch failed (`_launch_gluon`)."""
     num_warps, programs_per_sm, max_registers = setting
     x = x.contiguous()
@@ -839,9 +837,10 @@ def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, row
 
 def _gluon_compiled(fmt, kernel: str, n: int, dtype: torch.dtype) -> bool:
     """Whether the Gluon kernel `kernel` ("walsh" or "kron") has a variant for this format, rows
-    of n and dtype (`_gluon_rotated`'s cache keys): tests and the benchmark ask which kernel
-    served a call."""
-    return any(key[:3] == (kernel, n, dtype) for key in _format_entry(fmt).configs)
+    of n and dtype (`_gluon_rotated`'s cache keys) that did not fail (GLUON_FAILURES: the MMA
+    kernel served those): tests and the benchmark ask which kernel served a call."""
+    return any(key[:3] == (kernel, n, dtype) and (key[3], n, dtype) not in GLUON_FAILURES
+               for key in _format_entry(fmt).configs)
 
 
 def _launch_gluon(config: _LaunchConfig, grid: tuple, args: tuple, failure_key: tuple, what: str) -> bool:

@@ -364,12 +364,13 @@ def test_repeated_calls_stay_exact(dtype) -> None:
         _assert_same(kernels.fake_quantize_last_axis(x.to(DEVICE), fmt).cpu(), quantize_reference(x, fmt), "rep")
 
 
-# ---------------------------------------------------------------- the Walsh kernel's MX math
-# The Gluon Walsh kernel quantizes with `_fake_quantize_given_amax` in two forms: AT_QUANTUM
-# (`_round_at_block_quantum`: rounding at the block's quantum without scaling; fp16, and bf16
-# tiles in range) and LEAN (the general path). Gluon has no CPU interpreter, so that math is
-# checked here on its own, through a plain Triton kernel that Triton's interpreter runs, against
-# the reference on fp16 values.
+# ---------------------------------------------------------------- the rotated kernels' MX math
+# The Gluon Walsh and kron kernels quantize with `_fake_quantize_given_amax` in two forms:
+# AT_QUANTUM (`_round_at_block_quantum`: rounding at the block's quantum without scaling; fp16,
+# and bf16 with WIDE; OUT_IO: the result already rounded to the dtype) and LEAN (the general
+# path, fp32). Gluon has no CPU interpreter, so that math is checked here on its own, through a
+# plain Triton kernel that Triton's interpreter runs, against the reference on fp16 and bf16
+# values.
 if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
     import triton
     import triton.language as tl
@@ -473,6 +474,10 @@ def test_fp16_q_stays_finite_against_hand_computed_tops() -> None:
     assert quantize_reference(top, e4m3)[0, :2].tolist() == [57344.0, -57344.0]
     assert not kernels._fp16_q_stays_finite(int4)
     assert kernels._fp16_q_stays_finite(e2m1) and kernels._fp16_q_stays_finite(e4m3)
+    # a block of one element: only -65504 overflows, and the check still sees it
+    single = Format(ELEMENT_FORMATS["int4"], 1)
+    assert quantize_reference(torch.tensor([[65504.0, -65504.0]]).T, single)[:, 0].tolist() == [57344.0, -65536.0]
+    assert not kernels._fp16_q_stays_finite(single)
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
@@ -481,10 +486,17 @@ def test_walsh_kernels_bf16_quantizer_is_exact_at_every_scale(fmt: Format) -> No
     blocks beyond fp32's normal range (c above 88 or below -100) rounded at a 2^-+64 scale and
     scaled back, equals the reference on bf16 blocks of every scale, fp32 subnormals included;
     with OUT_IO = bf16 (its bounds rounded to bf16) it equals the reference rounded to bf16."""
-    x = _dtype_blocks(32, torch.bfloat16).to(DEVICE)
+    # plus blocks of bf16 subnormals (amax 2^-133 .. 2^-127: code exponents down to the lowest)
+    gen = torch.Generator().manual_seed(11)
+    tiny = torch.randint(-127, 128, (16, 32), generator=gen, dtype=torch.int32).float() * 2.0**-133
+    tiny[torch.arange(16), torch.arange(16)] = 2.0**-133 * torch.tensor([1, 2, 3, 127] * 4).float()
+    tiny = tiny / torch.logspace(0, 6, 16, base=2.0)[:, None].round()  # smaller amax per row
+    tiny = tiny.to(torch.bfloat16).float()
+    x = torch.cat([_dtype_blocks(32, torch.bfloat16), tiny]).to(DEVICE)
     amax = x.abs().amax(dim=1)
     assert bool((amax > 2.0**110).any()) and bool(((amax < 2.0**-110) & (amax > 0)).any()), \
         "the data should hold blocks on both sides of the scaled range"
+    assert bool(((amax < 2.0**-127) & (amax > 0)).any()), "and blocks of bf16 subnormals"
     ref = quantize_reference(x, fmt)
     y = _given_amax(x, fmt, at_quantum=True, wide=True)
     _assert_same(y, ref, f"{_ids(fmt)} WIDE")

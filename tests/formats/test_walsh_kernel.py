@@ -41,6 +41,8 @@ def _configs():
         yield (log_n, *kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)[:2])
     yield (11, 8, 5)  # the alternative settings the sweep also ran
     yield (12, 8, 6)
+    yield (13, 4, 6)  # 8192 on 64 values per thread: bit 9 runs by warp shuffle
+    yield (13, 8, 6)
 
 
 @pytest.mark.parametrize("log_n,num_warps,register_bits", list(_configs()))
