@@ -14,6 +14,7 @@ A benchmark, not a test: nothing here asserts a time (STYLE.md rule 12).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -189,21 +190,32 @@ def _settings(text: str) -> tuple:
     return settings
 
 
+@contextlib.contextmanager
+def _overwriting(table: dict, key):
+    """Let a sweep overwrite table[key] (a kernels settings table); afterwards put back what was
+    there, or nothing, and drop the kernels compiled meanwhile."""
+    missing = object()
+    saved = table.get(key, missing)
+    try:
+        yield
+    finally:
+        if saved is missing:
+            table.pop(key, None)
+        else:
+            table[key] = saved
+        kernels.clear_caches()
+
+
 def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
     """The Gluon Walsh kernel's (warps, log2 values per thread, programs per SM, register cap)
     settings (a cap of 0: ptxas's choice; a lower cap lets more programs share an SM)."""
     log_n = n.bit_length() - 1
-    default = kernels.WALSH_CONFIGS.get(log_n)
-    for warps, bits, per_sm, cap in args.walsh_settings:
-        kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm, cap)
-        kernels.clear_caches()
-        label = f"walsh warps={warps} values/thread={1 << bits} programs/SM={per_sm} registers<={cap or '-'}"
-        _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
-    if default is None:
-        kernels.WALSH_CONFIGS.pop(log_n, None)
-    else:
-        kernels.WALSH_CONFIGS[log_n] = default
-    kernels.clear_caches()
+    with _overwriting(kernels.WALSH_CONFIGS, log_n):
+        for warps, bits, per_sm, cap in args.walsh_settings:
+            kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm, cap)
+            kernels.clear_caches()
+            label = f"walsh warps={warps} values/thread={1 << bits} programs/SM={per_sm} registers<={cap or '-'}"
+            _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
 
 
 def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
@@ -211,20 +223,17 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
     register cap): a cap of 0 is ptxas's choice; 128 / 96 / 80 registers let 4 / 5 / 6
     programs of 4 warps share an SM."""
     key = (DTYPES[dtype_name], n)  # this size's own setting (kernels._kron_setting looks it up first)
-    default, default_values = kernels.KRON_CONFIGS.get(key), kernels.KRON_MAX_VALUES
-    for setting in args.kron_settings:
-        warps, per_sm, values, cap = setting
-        kernels.KRON_CONFIGS[key] = (warps, per_sm, cap)
-        kernels.KRON_MAX_VALUES = values
-        kernels.clear_caches()
-        label = f"kron warps={warps} programs/SM={per_sm} values/thread<={values} registers<={cap or '-'}"
-        _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
-    if default is None:
-        kernels.KRON_CONFIGS.pop(key, None)
-    else:
-        kernels.KRON_CONFIGS[key] = default
-    kernels.KRON_MAX_VALUES = default_values
-    kernels.clear_caches()
+    default_values = kernels.KRON_MAX_VALUES
+    with _overwriting(kernels.KRON_CONFIGS, key):
+        try:
+            for warps, per_sm, values, cap in args.kron_settings:
+                kernels.KRON_CONFIGS[key] = (warps, per_sm, cap)
+                kernels.KRON_MAX_VALUES = values
+                kernels.clear_caches()
+                label = f"kron warps={warps} programs/SM={per_sm} values/thread<={values} registers<={cap or '-'}"
+                _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
+        finally:  # (before _overwriting clears the caches: plans depend on it)
+            kernels.KRON_MAX_VALUES = default_values
 
 
 def sweep(args) -> None:
