@@ -182,25 +182,39 @@ def _walsh_reversed(x, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr, S3:
 
 
 @gluon.jit
-def _mix(xs, K: gl.constexpr, TERMS: gl.constexpr, FLIP: gl.constexpr):
+def _mix(xs, K: gl.constexpr, GROUP: gl.constexpr, TERMS: gl.constexpr, FLIP: gl.constexpr):
     """out_j = sum_i A[j, i] xs[i] for a +-1 matrix A (the H_K factor), every xs[i] a tile in
-    the same layout. Pairs first: s_i = x_2i + x_2i+1 and d_i = x_2i - x_2i+1 hold every
-    signed pair sum up to sign, so a row costs K/2 - 1 adds instead of K - 1 (with the pairs,
-    K/2 per element instead of K - 1). TERMS[j * K/2 + t] codes term t of row j as (pair * 2 + use_d) * 2 +
-    negate; `kron_mix` orders each row to start with a positive term where it has one, and
-    FLIP[j] negates a row that has none."""
-    HALF: gl.constexpr = K // 2
-    pairs = ()
-    for i in gl.static_range(HALF):
-        pairs = pairs + (xs[2 * i] + xs[2 * i + 1], xs[2 * i] - xs[2 * i + 1])
+    the same layout. The columns go in groups of GROUP (2 or 4): up to sign, a row's part on
+    a group is one of its signed combinations, computed once for all rows, so a row costs
+    K / GROUP - 1 adds. Pairs (a, b): a + b and a - b, 1 add per element. Quads (a, b, c, d):
+    the 8 sums (a + b or a - b) +- (c + d or c - d), 3 adds per element, rows K/4 - 1; at
+    K = 36, 11 adds per element instead of 18 (and K - 1 without groups). Combinations no row
+    uses are never computed (dead code).
+
+    TERMS[j * K/GROUP + t] codes term t of row j as (group * 2^(GROUP-1) + combination) * 2 +
+    negate, combination = use_a_minus_b for pairs and use_a_minus_b * 4 + use_c_minus_d * 2 +
+    subtract for quads (`kron_mix`); each row starts with a positive term where it has one,
+    and FLIP[j] negates a row that has none."""
+    gl.static_assert(GROUP == 2 or GROUP == 4, "columns mix in pairs or quads")
+    TERMS_PER_ROW: gl.constexpr = K // GROUP
+    combos = ()
+    for i in gl.static_range(TERMS_PER_ROW):
+        s1 = xs[GROUP * i] + xs[GROUP * i + 1]
+        d1 = xs[GROUP * i] - xs[GROUP * i + 1]
+        if GROUP == 2:
+            combos = combos + (s1, d1)
+        else:
+            s2 = xs[GROUP * i + 2] + xs[GROUP * i + 3]
+            d2 = xs[GROUP * i + 2] - xs[GROUP * i + 3]
+            combos = combos + (s1 + s2, s1 - s2, s1 + d2, s1 - d2, d1 + s2, d1 - s2, d1 + d2, d1 - d2)
     out = ()
     for j in gl.static_range(K):
-        acc = pairs[TERMS[j * HALF] >> 1]
-        for t in gl.static_range(1, HALF):
-            if TERMS[j * HALF + t] & 1:
-                acc = acc - pairs[TERMS[j * HALF + t] >> 1]
+        acc = combos[TERMS[j * TERMS_PER_ROW] >> 1]
+        for t in gl.static_range(1, TERMS_PER_ROW):
+            if TERMS[j * TERMS_PER_ROW + t] & 1:
+                acc = acc - combos[TERMS[j * TERMS_PER_ROW + t] >> 1]
             else:
-                acc = acc + pairs[TERMS[j * HALF + t] >> 1]
+                acc = acc + combos[TERMS[j * TERMS_PER_ROW + t] >> 1]
         if FLIP[j]:
             acc = -acc
         out = out + (acc,)
@@ -266,7 +280,7 @@ def mx_kron_rotated_kernel(
     SLICE_LAYOUT: gl.constexpr, IO_LAYOUT: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr,
     S2: gl.constexpr, S3: gl.constexpr, E0: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr,
     E3: gl.constexpr, N_STAGES: gl.constexpr, LOG_N: gl.constexpr, M: gl.constexpr,
-    VECTOR: gl.constexpr, EVEN: gl.constexpr, K: gl.constexpr, FORWARD_TERMS: gl.constexpr,
+    VECTOR: gl.constexpr, EVEN: gl.constexpr, K: gl.constexpr, MIX_GROUP: gl.constexpr, FORWARD_TERMS: gl.constexpr,
     FORWARD_FLIP: gl.constexpr, INVERSE_TERMS: gl.constexpr, INVERSE_FLIP: gl.constexpr,
     IO: gl.constexpr, BLOCK: gl.constexpr,
     MODE: gl.constexpr, QMAX_LOG2: gl.constexpr, QMAX_SIGNIFICAND: gl.constexpr,
@@ -310,11 +324,11 @@ def mx_kron_rotated_kernel(
             x = gl.convert_layout(_join_group(quad[0], quad[1], quad[2], quad[3], M), IO_LAYOUT)
             x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 2)
             xs = xs + _split_group(x, M)
-        xs = _mix(xs, K, FORWARD_TERMS, FORWARD_FLIP)
+        xs = _mix(xs, K, MIX_GROUP, FORWARD_TERMS, FORWARD_FLIP)
         xs = _quantize_kron(xs, scale, K, LOG_N, MS, IO, BLOCK, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
                             SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
                             CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, OUT_IO)
-        xs = _mix(xs, K, INVERSE_TERMS, INVERSE_FLIP)
+        xs = _mix(xs, K, MIX_GROUP, INVERSE_TERMS, INVERSE_FLIP)
         for g in gl.static_range(K // 4):
             x = _join_group(xs[4 * g], xs[4 * g + 1], xs[4 * g + 2], xs[4 * g + 3], M)
             x = _walsh_reversed(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 2)
@@ -346,22 +360,29 @@ def kron_plan(log_p: int, num_warps: int, register_bits: int) -> dict:
     return dict(plan, SLICE_LAYOUT=slice_layout, VECTOR=1 << register_bits)
 
 
-def kron_mix(matrix) -> tuple[tuple, tuple]:
-    """(TERMS, FLIP) of `_mix` for a +-1 matrix (nested sequences of ints, even order)."""
+def kron_mix(matrix, group: int) -> tuple[tuple, tuple]:
+    """(TERMS, FLIP) of `_mix` for a +-1 matrix (nested sequences of ints, order a multiple of
+    `group`) mixed in pairs (group 2) or quads (group 4)."""
     k = len(matrix)
-    if k % 2 or any(len(row) != k or any(v not in (1, -1) for v in row) for row in matrix):
-        raise ValueError("kron_mix: a square +-1 matrix of even order")
+    if group not in (2, 4):
+        raise ValueError(f"kron_mix: columns mix in pairs or quads, not groups of {group}")
+    if k % group or any(len(row) != k or any(v not in (1, -1) for v in row) for row in matrix):
+        raise ValueError(f"kron_mix: a square +-1 matrix of order a multiple of {group}")
     terms, flip = [], []
     for row in matrix:
         codes = []
-        for i in range(k // 2):
-            use_d = row[2 * i] != row[2 * i + 1]
-            codes.append((i * 2 + use_d) * 2 + (row[2 * i] < 0))
-        positive = [c for c in codes if not c & 1]
-        flipped = not positive
-        if flipped:  # every pair term negative: sum them positively, negate the row at the end
-            codes = [c ^ 1 for c in codes]
-        first = next(c for c in codes if not c & 1)
+        for i in range(k // group):
+            # the row's part on the group, sign a taken out: a * (x_a + (b/a) x_b [+ (c/a) (x_c + (d/c) x_d)])
+            a, b, *cd = row[group * i:group * (i + 1)]
+            combination = int(b != a)
+            if cd:
+                c, d = cd
+                combination = combination * 4 + (d != c) * 2 + (c != a)
+            codes.append(((i << (group - 1)) + combination) * 2 + (a < 0))
+        flipped = all(code & 1 for code in codes)
+        if flipped:  # every term negative: sum them positively, negate the row at the end
+            codes = [code ^ 1 for code in codes]
+        first = next(code for code in codes if not code & 1)
         codes.remove(first)
         terms += [first, *codes]
         flip.append(int(flipped))

@@ -556,6 +556,7 @@ class _KronPlan:
     k: int
     log_p: int
     register_bits: int
+    mix_group: int
     forward_terms: tuple
     forward_flip: tuple
     inverse_terms: tuple
@@ -568,6 +569,11 @@ def _kron_register_bits(k: int) -> int:
     slices, at most 8 (16-byte fp16 accesses); 0 = the kernel does not take K."""
     bits = min(3, math.floor(math.log2(KRON_MAX_VALUES / k)))
     return bits if bits >= 1 else 0
+
+
+def _kron_mix_group(k: int) -> int:
+    """Columns of A per group in `_gluon_mx._mix`: quads from KRON_QUAD_MIN_K on, else pairs."""
+    return 4 if k >= KRON_QUAD_MIN_K else 2
 
 
 def _build_kron_plan(rotation) -> _KronPlan | None:
@@ -615,14 +621,14 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
             a_int, b_int = -a_int, -b_int
         if not torch.equal(b_int, sylvester):
             return None
-        codes.append(_gluon_mx.kron_mix(a_int.long().tolist()))
+        codes.append(_gluon_mx.kron_mix(a_int.long().tolist(), _kron_mix_group(k)))
         scales.append(a_scale * b_scale)
     if abs(scales[0] - scales[1]) > 1e-12 * scales[0]:
         return None  # the kernel has one normalization for both directions
     (forward_terms, forward_flip), (inverse_terms, inverse_flip) = codes
-    return _KronPlan(k=k, log_p=p.bit_length() - 1, register_bits=register_bits, forward_terms=forward_terms,
-                     forward_flip=forward_flip, inverse_terms=inverse_terms, inverse_flip=inverse_flip,
-                     scale=scales[0])
+    return _KronPlan(k=k, log_p=p.bit_length() - 1, register_bits=register_bits, mix_group=_kron_mix_group(k),
+                     forward_terms=forward_terms, forward_flip=forward_flip, inverse_terms=inverse_terms,
+                     inverse_flip=inverse_flip, scale=scales[0])
 
 
 class _PlanEntry:
@@ -717,13 +723,18 @@ USE_WALSH_KERNEL = True
 # programs per SM, register cap (maxnreg; 0 = ptxas's choice)) by (activation dtype, row length),
 # else by dtype (`_kron_setting`), from the sweeps on an H100 (benchmarks/h100/kron_sweep.md):
 # fp16 ran fastest on 8 warps capped at 128 registers (1536: 73.3 -> 68.1 us, 576: 37.3 -> 36.4
-# us); bf16 uncapped on 4 warps (a cap cost 1536 bf16 12 %), except 576 bf16 on 8 warps, 4
-# programs per SM, uncapped (42.4 -> 38.0 us in sweep 1).
+# us); bf16 uncapped on 4 warps (a cap cost 1536 bf16 12 %), except 576 bf16, on fp16's setting
+# since the quad mix (uncapped it took 181 registers: 40.4 -> 33.1 us, MXINT4).
 # KRON_MAX_VALUES: values per thread across the K slices (K * 2^register_bits,
 # `_kron_register_bits`): H_12 kron H_128 holds 96 (8 per slice; 167 registers uncapped).
-KRON_CONFIGS = {torch.float16: (8, 4, 128), (torch.bfloat16, 576): (8, 4, 0)}
+KRON_CONFIGS = {torch.float16: (8, 4, 128), (torch.bfloat16, 576): (8, 4, 128)}
 KRON_DEFAULT_CONFIG = (4, 8, 0)
 KRON_MAX_VALUES = 96
+# KRON_QUAD_MIN_K: A's columns mix in quads from this order on (`_gluon_mx._mix`). Quads save
+# K/4 - 2 adds per element per direction over pairs: 7 at K = 36 (576: 76.9 -> 64.8 SASS
+# instructions per element, fp16 MXINT4, no spills at 128 registers), 1 at K = 12, where the 8
+# combinations of a quad spilled at 128 registers (1536 fp16: 50.2 -> 51.1 per element).
+KRON_QUAD_MIN_K = 20
 USE_KRON_KERNEL = True
 # (device, row length, dtype) -> the error of a Gluon kernel that failed to compile or launch
 # there (a Triton whose experimental Gluon API differs): that case then runs the MMA kernel,
@@ -874,7 +885,7 @@ def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, ent
                      kron: _KronPlan) -> dict:
     """Every constexpr of `_gluon_mx.mx_kron_rotated_kernel` (compiled GPU code only)."""
     io = _compiled_io(dtype)
-    return dict(plan, EVEN=even, K=kron.k, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
+    return dict(plan, EVEN=even, K=kron.k, MIX_GROUP=kron.mix_group, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
                 INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
                 **entry.constexprs, OUT_IO=_out_io(dtype, entry))
 

@@ -3,7 +3,7 @@
 Independent expectations:
 - the factorization and the mixing code (CPU): the kernel's algorithm, replayed in float64 torch
   from the plan's constants (`_replay` below: the butterflies of `mxptq.nn.hadamard.fwht` on
-  each slice, then `_gluon_mx._mix`'s pair sums term by term), must equal the rotation's own
+  each slice, then `_gluon_mx._mix`'s pair or quad sums term by term), must equal the rotation's own
   forward and inverse maps;
 - the layout plan (CPU): every butterfly level runs while its bit is a register bit;
 - the kernel (CUDA only; the device tool): the reference path
@@ -29,20 +29,36 @@ HAS_CUDA = torch.cuda.is_available()
 KRON_SIZES = [576, 1536, 96, 2560, 3072]  # H_36 x H_16, H_12 x H_128, H_12 x H_8, H_20 x H_128, H_12 x H_256
 
 
+def _combinations(xs: list, group: int) -> list:
+    """`_gluon_mx._mix`'s signed combinations of each column group, in its order."""
+    combos = []
+    for i in range(0, len(xs), group):
+        s1, d1 = xs[i] + xs[i + 1], xs[i] - xs[i + 1]
+        if group == 2:
+            combos += [s1, d1]
+        else:
+            s2, d2 = xs[i + 2] + xs[i + 3], xs[i + 2] - xs[i + 3]
+            combos += [s1 + s2, s1 - s2, s1 + d2, s1 - d2, d1 + s2, d1 - s2, d1 + d2, d1 - d2]
+    return combos
+
+
+def _mixed(xs: list, group: int, terms, flip) -> list:
+    """Rows of A x from the codes of `kron_mix`, term by term as the kernel adds them."""
+    combos, per_row = _combinations(xs, group), len(xs) // group
+    rows = []
+    for j in range(len(xs)):
+        acc = combos[terms[j * per_row] >> 1]
+        for code in terms[j * per_row + 1:(j + 1) * per_row]:
+            acc = acc - combos[code >> 1] if code & 1 else acc + combos[code >> 1]
+        rows.append(-acc if flip[j] else acc)
+    return rows
+
+
 def _replay(x: torch.Tensor, plan, terms, flip) -> torch.Tensor:
-    """The kernel's transform in float64: butterflies on every slice, then the pair-sum mix."""
+    """The kernel's transform in float64: butterflies on every slice, then the grouped mix."""
     k, p = plan.k, 1 << plan.log_p
     slices = hadamard.fwht(x.reshape(-1, k, p), normalize=False)
-    half = k // 2
-    pairs = []
-    for i in range(half):
-        pairs += [slices[:, 2 * i] + slices[:, 2 * i + 1], slices[:, 2 * i] - slices[:, 2 * i + 1]]
-    out = []
-    for j in range(k):
-        acc = pairs[terms[j * half] >> 1]
-        for code in terms[j * half + 1:(j + 1) * half]:
-            acc = acc - pairs[code >> 1] if code & 1 else acc + pairs[code >> 1]
-        out.append(-acc if flip[j] else acc)
+    out = _mixed([slices[:, i] for i in range(k)], plan.mix_group, terms, flip)
     return torch.stack(out, 1).reshape(x.shape) * plan.scale
 
 
@@ -56,23 +72,39 @@ def test_kron_plan_replays_the_rotations_forward_and_inverse_maps(n) -> None:
     torch.testing.assert_close(_replay(x, plan, plan.inverse_terms, plan.inverse_flip), rotation.inverse(x))
 
 
-def test_kron_mix_codes_rows_without_a_positive_pair_as_flipped() -> None:
-    """-H_12 has rows whose every pair term is negative; the code must sum those positively and
+@pytest.mark.parametrize("group", [2, 4])
+def test_kron_mix_codes_rows_without_a_positive_term_as_flipped(group) -> None:
+    """-H_12 has rows whose every term is negative; the code must sum those positively and
     flip the row, and still give -H_12 x."""
     h = torch.from_numpy(hadamard.hadamard_k(12)).long()
+    per_row = 12 // group
     for matrix in (h, -h):
-        terms, flip = gluon_mx.kron_mix(matrix.tolist())
-        assert all(terms[j * 6] & 1 == 0 for j in range(12)), "each row starts with a positive term"
+        terms, flip = gluon_mx.kron_mix(matrix.tolist(), group)
+        assert all(terms[j * per_row] & 1 == 0 for j in range(12)), "each row starts with a positive term"
         x = torch.randn(3, 12, 4, dtype=torch.float64)
-        pairs = [v for i in range(6) for v in (x[:, 2 * i] + x[:, 2 * i + 1], x[:, 2 * i] - x[:, 2 * i + 1])]
-        rows = []
-        for j in range(12):
-            acc = sum((-pairs[c >> 1] if c & 1 else pairs[c >> 1]) for c in terms[j * 6:(j + 1) * 6])
-            rows.append(-acc if flip[j] else acc)
+        rows = _mixed([x[:, i] for i in range(12)], group, terms, flip)
         torch.testing.assert_close(torch.stack(rows, 1), torch.einsum("jk,bkp->bjp", matrix.double(), x))
-    assert any(gluon_mx.kron_mix((-h).tolist())[1])
+    assert any(gluon_mx.kron_mix((-h).tolist(), group)[1])
+
+
+def test_kron_mix_codes_every_sign_pattern_of_a_quad() -> None:
+    """Two 8 x 8 matrices whose rows put each of a quad's 16 sign patterns in both quads
+    (rows with both quads led by -1 are flipped)."""
+    patterns = [[1 - 2 * (v >> b & 1) for b in range(4)] for v in range(16)]
+    x = torch.randn(2, 8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for matrix in ([patterns[v] + patterns[v + 8] for v in range(8)], [patterns[v + 8] + patterns[v] for v in range(8)]):
+        terms, flip = gluon_mx.kron_mix(matrix, 4)
+        out = _mixed([x[:, i] for i in range(8)], 4, terms, flip)
+        torch.testing.assert_close(torch.stack(out, 1), torch.einsum("jk,bkp->bjp", torch.tensor(matrix).double(), x))
+
+
+def test_kron_mix_rejects_what_it_cannot_code() -> None:
     with pytest.raises(ValueError, match="square"):
-        gluon_mx.kron_mix([[1, 1, 1], [1, -1, 1], [1, 1, -1]])  # odd order
+        gluon_mx.kron_mix([[1, 1, 1], [1, -1, 1], [1, 1, -1]], 2)  # odd order
+    with pytest.raises(ValueError, match="multiple of 4"):
+        gluon_mx.kron_mix(torch.ones(6, 6, dtype=torch.long).tolist(), 4)
+    with pytest.raises(ValueError, match="pairs or quads"):
+        gluon_mx.kron_mix(torch.ones(6, 6, dtype=torch.long).tolist(), 3)
 
 
 def test_only_kron_rotations_the_kernel_can_hold_qualify() -> None:
