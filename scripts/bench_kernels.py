@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -176,17 +177,19 @@ WALSH_SWEEP = ((4, 6, 4, 0), (4, 6, 8, 0), (4, 6, 5, 96), (4, 6, 6, 80), (4, 6, 
                (8, 6, 3, 80), (4, 5, 8, 0), (8, 5, 4, 0), (8, 5, 2, 0), (16, 5, 2, 0), (4, 7, 2, 0), (8, 7, 1, 0))
 
 
-# The kron kernel's sweep: (warps, programs per SM, values per thread over the K slices, register cap).
-KRON_SWEEP = ((4, 8, 96, 0), (4, 3, 96, 0), (4, 4, 96, 128), (4, 8, 96, 128), (4, 5, 96, 96), (4, 10, 96, 96),
-              (4, 6, 96, 80), (4, 12, 96, 80), (8, 2, 96, 128), (8, 4, 96, 128), (8, 3, 96, 80), (4, 8, 48, 0),
-              (4, 8, 160, 0))
+# The kron kernel's sweep: (warps, programs per SM, values per thread over the K slices, register cap,
+# lane levels).
+KRON_SWEEP = ((4, 8, 96, 0, 1), (4, 8, 96, 0, 0), (4, 4, 96, 128, 1), (4, 8, 96, 128, 1), (4, 8, 96, 128, 0),
+              (4, 5, 96, 96, 1), (4, 6, 96, 80, 1), (8, 2, 96, 128, 1), (8, 4, 96, 128, 1), (8, 4, 96, 128, 0),
+              (4, 8, 48, 0, 1), (4, 8, 160, 0, 1))
 
 
-def _settings(text: str) -> tuple:
-    """--walsh-settings / --kron-settings: '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0), (8, 5, 4, 0))."""
+def _settings(text: str, length: int) -> tuple:
+    """--walsh-settings (4 integers each) / --kron-settings (5): '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0),
+    (8, 5, 4, 0))."""
     settings = tuple(tuple(int(v) for v in item.split(",")) for item in text.split(":"))
-    if any(len(setting) != 4 for setting in settings):
-        raise argparse.ArgumentTypeError(f"four integers per setting, ':' between settings; got {text!r}")
+    if any(len(setting) != length for setting in settings):
+        raise argparse.ArgumentTypeError(f"{length} integers per setting, ':' between settings; got {text!r}")
     return settings
 
 
@@ -226,11 +229,12 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
     default_values = kernels.KRON_MAX_VALUES
     with _overwriting(kernels.KRON_CONFIGS, key):
         try:
-            for warps, per_sm, values, cap in args.kron_settings:
-                kernels.KRON_CONFIGS[key] = (warps, per_sm, cap)
+            for warps, per_sm, values, cap, lanes in args.kron_settings:
+                kernels.KRON_CONFIGS[key] = (warps, per_sm, cap, lanes)
                 kernels.KRON_MAX_VALUES = values
                 kernels.clear_caches()
-                label = f"kron warps={warps} programs/SM={per_sm} values/thread<={values} registers<={cap or '-'}"
+                label = (f"kron warps={warps} programs/SM={per_sm} values/thread<={values} registers<={cap or '-'}"
+                         f" lane levels={'yes' if lanes else 'no'}")
                 _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
         finally:  # (before _overwriting clears the caches: plans depend on it)
             kernels.KRON_MAX_VALUES = default_values
@@ -302,12 +306,12 @@ def main() -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
     ap.add_argument("--sweep", action="store_true", help="only time kernel settings (tile, warps, split)")
     ap.add_argument("--sweep-rotated-only", action="store_true", help="with --sweep: only the rotated kernel")
-    ap.add_argument("--walsh-settings", type=_settings, default=WALSH_SWEEP,
+    ap.add_argument("--walsh-settings", type=functools.partial(_settings, length=4), default=WALSH_SWEEP,
                     help="with --sweep: the Walsh kernel's settings, warps,log2 values per thread,programs per SM,"
                          "register cap (0: none), ':' between settings")
-    ap.add_argument("--kron-settings", type=_settings, default=KRON_SWEEP,
+    ap.add_argument("--kron-settings", type=functools.partial(_settings, length=5), default=KRON_SWEEP,
                     help="with --sweep: the kron kernel's settings, warps,programs per SM,values per thread,"
-                         "register cap (0: none), ':' between settings")
+                         "register cap (0: none),lane levels (0/1), ':' between settings")
     ap.add_argument("--sweep-walsh-only", action="store_true", help="with --sweep: only the Gluon kernels (Walsh, kron)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -72,8 +72,8 @@ def compile_kron_sm90(n: int, dtype: str = "fp16", fmt: str = "MXINT4", even: bo
     kron = kernels._build_kron_plan(get_rotation(n, block_size=32))
     if kron is None:
         raise SystemExit(f"rows of {n}: the kron kernel does not take them")
-    warps, _per_sm, max_registers = kernels._kron_setting(DTYPES[dtype], n)
-    plan, _rows_per_tile = kernels._kron_tile(kron.log_p, warps, kron.register_bits)
+    warps, _per_sm, max_registers, lane_levels = kernels._kron_setting(DTYPES[dtype], n)
+    plan, _rows_per_tile = kernels._kron_tile(kron.log_p, warps, kron.register_bits, bool(lane_levels))
     constexprs = kernels._kron_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]), kron)
     compiled, sass, usage = _compile(_gluon_mx.mx_kron_rotated_kernel, constexprs, dtype, warps, max_registers)
     return compiled, sass, usage, kron.k << kron.register_bits

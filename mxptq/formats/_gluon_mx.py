@@ -58,23 +58,25 @@ def _butterfly(x, H: gl.constexpr, M: gl.constexpr):
 
 @gluon.jit
 def _lane_butterfly(x, ASM: gl.constexpr):
-    """One level of the Walsh transform whose bit is a lane-id bit of x's layout: ASM
-    (`lane_butterfly_asm`) swaps each value with its partner lane's by a butterfly shuffle (4
-    bytes of crossbar traffic, no shared memory, no barrier) and returns partner + x on the
+    """Levels of the Walsh transform whose bits are lane-id bits of x's layout: for each level
+    ASM (`lane_butterfly_asm`) swaps each value with its partner lane's by a butterfly shuffle
+    (4 bytes of crossbar traffic, no shared memory, no barrier) and returns partner + x on the
     lower lane (a + c) or partner - x on the upper one (a - c)."""
     return gl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1)
 
 
-def lane_butterfly_asm(lane_mask: int) -> str:
-    """The PTX of `_lane_butterfly` for the lane-id bit lane_mask: fma(x, +-1, partner) rounds
-    the sum or difference once, the same IEEE fp32 add or subtract as `_butterfly`; the lane's
-    sign is the same in every use, so ptxas computes it once."""
-    if lane_mask not in (1, 2, 4, 8, 16):
-        raise ValueError(f"lane_butterfly_asm: a lane-id bit, got {lane_mask}")
-    return ("{ .reg .b32 p, l; .reg .pred u; .reg .f32 s; "
-            f"shfl.sync.bfly.b32 p, $1, {lane_mask}, 0x1f, -1; "
-            f"mov.u32 l, %laneid; and.b32 l, l, {lane_mask}; setp.ne.u32 u, l, 0; "
-            "selp.f32 s, 0fBF800000, 0f3F800000, u; fma.rn.f32 $0, $1, s, p; }")
+def lane_butterfly_asm(*lane_masks: int) -> str:
+    """The PTX of `_lane_butterfly` for the lane-id bits lane_masks, one level after another:
+    fma(x, +-1, partner) rounds the sum or difference once, the same IEEE fp32 add or subtract
+    as `_butterfly`; a lane's sign is the same in every use, so ptxas computes it once."""
+    if not lane_masks or any(mask not in (1, 2, 4, 8, 16) for mask in lane_masks):
+        raise ValueError(f"lane_butterfly_asm: lane-id bits, got {lane_masks}")
+    levels = "".join(
+        f"shfl.sync.bfly.b32 p, v, {mask}, 0x1f, -1; "
+        f"and.b32 l, i, {mask}; setp.ne.u32 u, l, 0; selp.f32 s, 0fBF800000, 0f3F800000, u; fma.rn.f32 v, v, s, p; "
+        for mask in lane_masks)
+    return ("{ .reg .b32 p, l, i; .reg .pred u; .reg .f32 s, v; mov.u32 i, %laneid; mov.b32 v, $1; "
+            f"{levels}mov.b32 $0, v; }}")
 
 
 @gluon.jit
@@ -242,9 +244,10 @@ def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.conste
         for t in gl.static_range(G):
             x = _mx._round_through_io(xs[g * G + t] * scale, IO)
             group = group + (gl.reshape(x, (M // SPAN, SPAN)),)
-        amax = gl.max(gl.abs(group[0]), axis=1)
+        magnitude = gl.abs(group[0])  # the G slices' maximum first: one reduction across lanes, not G
         for t in gl.static_range(1, G):
-            amax = gl.maximum(amax, gl.max(gl.abs(group[t]), axis=1))
+            magnitude = gl.maximum(magnitude, gl.abs(group[t]))
+        amax = gl.max(magnitude, axis=1)
         amax_bits = gl.expand_dims(amax.to(gl.int32, bitcast=True), 1)
         for t in gl.static_range(G):
             q = _mx._fake_quantize_given_amax(group[t], amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
@@ -288,6 +291,7 @@ def mx_kron_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr, OUT_IO: gl.constexpr,
+    LANE_ASM: gl.constexpr,
 ):
     """y = R^T Q(R x) for every row of a row-major [n_rows, K * 2^LOG_N] tensor, R = s (A kron
     H_P) with A a +-1 K x K matrix (FORWARD_TERMS codes A, INVERSE_TERMS A^T; `_mix`) and s
@@ -295,11 +299,12 @@ def mx_kron_rotated_kernel(
     s * A X H_P (mxptq.nn.hadamard.Rotation, kind "kron").
 
     A tile holds its rows' K slices as K tiles of M / 4 elements in one layout (SLICE_LAYOUT at
-    load and store: VECTOR consecutive elements per thread, 16 bytes for fp16 at K = 12). For the H_P butterflies four slices are joined into
-    one tile of M elements (`kron_plan`), so that each layout conversion moves four slices at
-    once (one trip through shared memory, not four); A mixes the slices element by element in
-    registers (`_mix`). The inverse runs A^T first, then the butterflies with the stages
-    reversed. Not bit-exact (the reference's H_K is an fp32 matmul): R x agrees with the
+    load and store: VECTOR consecutive elements per thread, 16 bytes for fp16 at K = 12). For
+    the H_P butterflies four slices are joined into one tile of M elements (`kron_plan`), so
+    that each layout conversion moves four slices at once (one trip through shared memory, not
+    four); with LANE_ASM, the levels on lane bits run by warp shuffle (`_lane_butterfly`) and
+    the tile never leaves the IO layout. A mixes the slices element by element in registers
+    (`_mix`). The inverse runs A^T first, then the butterflies in reverse. Not bit-exact (the reference's H_K is an fp32 matmul): R x agrees with the
     reference to fp32 rounding, as the MMA kernel's does."""
     gl.static_assert(NONFINITE == 0, "the rotated kernel implements the block-NaN policy only")
     gl.static_assert(K % 4 == 0, "slices are joined in fours")
@@ -323,6 +328,8 @@ def mx_kron_rotated_kernel(
                 quad = quad + (_mx._load_f32_fast(x_ptr + base + (4 * g + t) * P + offsets, mask, IO),)
             x = gl.convert_layout(_join_group(quad[0], quad[1], quad[2], quad[3], M), IO_LAYOUT)
             x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 2)
+            if LANE_ASM != "":
+                x = _lane_butterfly(x, LANE_ASM)
             xs = xs + _split_group(x, M)
         xs = _mix(xs, K, MIX_GROUP, FORWARD_TERMS, FORWARD_FLIP)
         xs = _quantize_kron(xs, scale, K, LOG_N, MS, IO, BLOCK, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
@@ -331,6 +338,8 @@ def mx_kron_rotated_kernel(
         xs = _mix(xs, K, MIX_GROUP, INVERSE_TERMS, INVERSE_FLIP)
         for g in gl.static_range(K // 4):
             x = _join_group(xs[4 * g], xs[4 * g + 1], xs[4 * g + 2], xs[4 * g + 3], M)
+            if LANE_ASM != "":
+                x = _lane_butterfly(x, LANE_ASM)
             x = _walsh_reversed(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 2)
             quad = _split_group(x, M)
             for t in gl.static_range(4):
@@ -338,13 +347,17 @@ def mx_kron_rotated_kernel(
                 _mx._store_f32_fast(y_ptr + base + (4 * g + t) * P + offsets, out, mask, IO)
 
 
-def kron_plan(log_p: int, num_warps: int, register_bits: int) -> dict:
+def kron_plan(log_p: int, num_warps: int, register_bits: int, lane_levels: bool = False) -> dict:
     """Layouts and stages of the kron kernel (rows of P = 2^log_p per slice), as `walsh_plan`
     gives them for a tile of four joined slices: index bits 0-1 are the slice (registers
     throughout), then the slice tile's bits. SLICE_LAYOUT, one slice's tile: each thread holds
     2^register_bits consecutive elements (its 16-byte accesses at 8), lanes the next 5 bits,
     warps the rest; a slice tile holds (M / 4) >> log_p rows. IO_LAYOUT = S0 is the same
-    for the joined tile, with the slice bits in registers."""
+    for the joined tile, with the slice bits in registers.
+
+    lane_levels: where a slice lies within one warp (log_p <= register_bits + 5), no stages
+    after S0: the slice bits on lanes of the IO layout run by warp shuffle (LANE_ASM, one
+    `lane_butterfly_asm` for all of them; "" in the staged plan)."""
     warp_bits = num_warps.bit_length() - 1
     if (1 << warp_bits) != num_warps or not 1 <= register_bits <= log_p:
         raise ValueError(f"kron_plan: {num_warps} warps, 2^{register_bits} values per thread, rows of 2^{log_p}")
@@ -355,9 +368,15 @@ def kron_plan(log_p: int, num_warps: int, register_bits: int) -> dict:
     lanes = list(range(register_bits, register_bits + LANE_BITS))
     warps = list(range(register_bits + LANE_BITS, slice_total))
     slice_layout = _linear_layout(regs, lanes, warps, slice_total)
-    plan = _stage_plan([0, 1] + [b + 2 for b in regs], [b + 2 for b in lanes], [b + 2 for b in warps],
-                       slice_total + 2, log_p, register_bits + 2, first=2)
-    return dict(plan, SLICE_LAYOUT=slice_layout, VECTOR=1 << register_bits)
+    io_regs, io_lanes, io_warps = [0, 1] + [b + 2 for b in regs], [b + 2 for b in lanes], [b + 2 for b in warps]
+    if not lane_levels or log_p > register_bits + LANE_BITS:  # (a slice over several warps: stages)
+        plan = _stage_plan(io_regs, io_lanes, io_warps, slice_total + 2, log_p, register_bits + 2, first=2)
+        return dict(plan, SLICE_LAYOUT=slice_layout, VECTOR=1 << register_bits, LANE_ASM="")
+    # The levels on register bits in the IO layout, the rest by warp shuffle: no layout stages.
+    plan = _stage_plan(io_regs, io_lanes, io_warps, slice_total + 2, register_bits, register_bits + 2, first=2)
+    lane_bits = range(register_bits + 2, log_p + 2)
+    lane_asm = lane_butterfly_asm(*(1 << io_lanes.index(b) for b in lane_bits)) if lane_bits else ""
+    return dict(plan, LOG_N=log_p, SLICE_LAYOUT=slice_layout, VECTOR=1 << register_bits, LANE_ASM=lane_asm)
 
 
 def kron_mix(matrix, group: int) -> tuple[tuple, tuple]:

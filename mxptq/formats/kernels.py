@@ -582,8 +582,9 @@ def _build_kron_plan(rotation) -> _KronPlan | None:
     kernel or the MMA kernel), taking the largest P for which the rotation's own forward and
     inverse maps factor so (checked as `_build_rotation_plan` checks them), or None. The
     values per thread (`_kron_register_bits`) and at most four layout stages bound P: K = 12
-    takes 8 <= P <= 1024, K = 20 P <= 256, K = 28..44 (2 values per slice) P <= 16, so
-    576 = 36 * 16 qualifies and 1152 = 36 * 32 does not."""
+    takes 8 <= P <= 1024, K = 20 P <= 256, K = 28..44 (2 values per slice) P <= 16 with
+    stages and P <= 64 with lane levels (a slice within one warp; every KRON_CONFIGS setting
+    has them), so 576 = 36 * 16, 1152 and 2304 qualify and 4608 = 36 * 128 does not."""
     n = getattr(rotation, "n", None)
     if not isinstance(n, int) or n < 2:
         return None
@@ -603,9 +604,9 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
 
     n = k * p
     register_bits = _kron_register_bits(k)
-    try:  # the layouts exist for every configured warp count (`_kron_tile` builds them again, cached)
-        for num_warps in {config[0] for config in (*KRON_CONFIGS.values(), KRON_DEFAULT_CONFIG)}:
-            _gluon_mx.kron_plan(p.bit_length() - 1, num_warps, register_bits)
+    try:  # the layouts exist for every configured setting (`_kron_tile` builds them again, cached)
+        for num_warps, _, _, lane_levels in {*KRON_CONFIGS.values(), KRON_DEFAULT_CONFIG}:
+            _gluon_mx.kron_plan(p.bit_length() - 1, num_warps, register_bits, bool(lane_levels))
     except ValueError:
         return None
     sylvester = fwht(torch.eye(p, dtype=torch.float64), normalize=False)
@@ -720,15 +721,17 @@ WALSH_LOG_N_RANGE = (8, 15)
 # Tests switch this off to run the MMA kernel on Walsh sizes too.
 USE_WALSH_KERNEL = True
 # Kron kernel (Gluon) for R = s (A kron H_P), A a +-1 K x K matrix: (num_warps, persistent
-# programs per SM, register cap (maxnreg; 0 = ptxas's choice)) by (activation dtype, row length),
-# else by dtype (`_kron_setting`), from the sweeps on an H100 (benchmarks/h100/kron_sweep.md):
-# fp16 ran fastest on 8 warps capped at 128 registers (1536: 73.3 -> 68.1 us, 576: 37.3 -> 36.4
-# us); bf16 uncapped on 4 warps (a cap cost 1536 bf16 12 %), except 576 bf16, on fp16's setting
-# since the quad mix (uncapped it took 181 registers: 40.4 -> 33.1 us, MXINT4).
+# programs per SM, register cap (maxnreg; 0 = ptxas's choice), lane levels) by (activation dtype,
+# row length), else by dtype (`_kron_setting`), from the sweeps on an H100
+# (benchmarks/h100/kron_sweep.md): fp16 ran fastest on 8 warps capped at 128 registers (1536:
+# 73.3 -> 68.1 us, 576: 37.3 -> 36.4 us); bf16 uncapped on 4 warps (a cap cost 1536 bf16 12 %),
+# except 576 bf16, on fp16's setting since the quad mix (uncapped it took 181 registers: 40.4 ->
+# 33.1 us, MXINT4). Lane levels (1): H_P's levels on lane bits run by warp shuffle
+# (`_gluon_mx._lane_butterfly`) instead of through layout conversions (0).
+KRON_CONFIGS = {torch.float16: (8, 4, 128, 1), (torch.bfloat16, 576): (8, 4, 128, 1)}
+KRON_DEFAULT_CONFIG = (4, 8, 0, 1)
 # KRON_MAX_VALUES: values per thread across the K slices (K * 2^register_bits,
 # `_kron_register_bits`): H_12 kron H_128 holds 96 (8 per slice; 167 registers uncapped).
-KRON_CONFIGS = {torch.float16: (8, 4, 128), (torch.bfloat16, 576): (8, 4, 128)}
-KRON_DEFAULT_CONFIG = (4, 8, 0)
 KRON_MAX_VALUES = 96
 # KRON_QUAD_MIN_K: A's columns mix in quads from this order on (`_gluon_mx._mix`). Quads save
 # K/4 - 2 adds per element per direction over pairs: 7 at K = 36 (576: 76.9 -> 64.8 SASS
@@ -874,10 +877,10 @@ def _launch_gluon(config: _LaunchConfig, grid: tuple, args: tuple, failure_key: 
 
 
 @functools.lru_cache(maxsize=32)
-def _kron_tile(log_p: int, num_warps: int, register_bits: int) -> tuple[dict, int]:
+def _kron_tile(log_p: int, num_warps: int, register_bits: int, lane_levels: bool = False) -> tuple[dict, int]:
     """The kron kernel's layout constexprs for slices of 2^log_p, and rows per tile (M counts
     the elements of four joined slice tiles)."""
-    plan = _gluon_mx.kron_plan(log_p, num_warps, register_bits)
+    plan = _gluon_mx.kron_plan(log_p, num_warps, register_bits, lane_levels)
     return plan, (plan["M"] // 4) >> log_p
 
 
@@ -890,8 +893,9 @@ def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, ent
                 **entry.constexprs, OUT_IO=_out_io(dtype, entry))
 
 
-def _kron_setting(dtype: torch.dtype, n: int) -> tuple[int, int, int]:
-    """(num_warps, programs per SM, register cap) of the kron kernel on rows of n (KRON_CONFIGS)."""
+def _kron_setting(dtype: torch.dtype, n: int) -> tuple[int, int, int, int]:
+    """(num_warps, programs per SM, register cap, lane levels) of the kron kernel on rows of n
+    (KRON_CONFIGS)."""
     return KRON_CONFIGS.get((dtype, n)) or KRON_CONFIGS.get(dtype, KRON_DEFAULT_CONFIG)
 
 
@@ -906,9 +910,9 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     failure_key = (x.device, n, x.dtype)
     if failure_key in GLUON_FAILURES:
         return None
-    num_warps, programs_per_sm, max_registers = _kron_setting(x.dtype, n)
+    num_warps, programs_per_sm, max_registers, lane_levels = _kron_setting(x.dtype, n)
     try:
-        plan, rows_per_tile = _kron_tile(kron.log_p, num_warps, kron.register_bits)
+        plan, rows_per_tile = _kron_tile(kron.log_p, num_warps, kron.register_bits, bool(lane_levels))
     except ValueError:  # KRON_CONFIGS changed after the plan was built (a benchmark sweep)
         return None
     return _gluon_rotated(

@@ -14,6 +14,8 @@ Independent expectations:
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -26,7 +28,9 @@ from mxptq.formats import ELEMENT_FORMATS, Format, ScaleRule, kernels
 from mxptq.nn import hadamard
 
 HAS_CUDA = torch.cuda.is_available()
-KRON_SIZES = [576, 1536, 96, 2560, 3072]  # H_36 x H_16, H_12 x H_128, H_12 x H_8, H_20 x H_128, H_12 x H_256
+# H_36 x H_16, H_12 x H_128, H_12 x H_8, H_20 x H_128, H_12 x H_256, H_36 x H_32 (lane levels only),
+# H_12 x H_512 (a slice over several warps: staged)
+KRON_SIZES = [576, 1536, 96, 2560, 3072, 1152, 6144]
 
 
 def _combinations(xs: list, group: int) -> list:
@@ -109,7 +113,7 @@ def test_kron_mix_rejects_what_it_cannot_code() -> None:
 
 def test_only_kron_rotations_the_kernel_can_hold_qualify() -> None:
     assert kernels._build_kron_plan(hadamard.get_rotation(2048)) is None  # Walsh: K a power of two
-    assert kernels._build_kron_plan(hadamard.get_rotation(1152)) is None  # H_36 x H_32: too many stages
+    assert kernels._build_kron_plan(hadamard.get_rotation(4608)) is None  # H_36 x H_128: too many stages
     assert kernels._build_kron_plan(hadamard.get_rotation(11008)) is None  # K = 172: too many values
     assert kernels._build_kron_plan(hadamard.KeyAxisRotation(32)) is None  # no fixed size
 
@@ -129,6 +133,38 @@ def test_kron_plan_runs_every_level_in_registers(log_p, register_bits, num_warps
     assert all(b in regs for regs, _, _, _ in gluon_mx.stage_register_bits(plan, first=2) for b in (0, 1))
     # a slice tile has warps x 32 lanes x 2^register_bits elements: that many / 2^log_p rows
     assert kernels._kron_tile(log_p, num_warps, register_bits)[1] == (num_warps * 32 << register_bits) >> log_p
+
+
+@pytest.mark.parametrize("num_warps", [4, 8])
+@pytest.mark.parametrize("log_p,register_bits", [(7, 3), (4, 1), (3, 3), (7, 2)])
+def test_kron_lane_plan_runs_the_register_levels_then_each_lane_bit_once(log_p, register_bits, num_warps) -> None:
+    """Lane levels: one stage (the IO layout) for the slice bits in registers, and the shuffle
+    masks of LANE_ASM name exactly the IO layout's lanes that hold the remaining slice bits."""
+    plan = gluon_mx.kron_plan(log_p, num_warps, register_bits, lane_levels=True)
+    assert plan["N_STAGES"] == 1 and plan["S0"] == plan["IO_LAYOUT"] and plan["LOG_N"] == log_p
+    [(regs, first, end, _)] = gluon_mx.stage_register_bits(plan, first=2)
+    assert (first, end) == (2, register_bits + 2) and all(b in regs for b in range(2, end))
+    lane_bit = {1 << i: basis[0].bit_length() - 1 for i, basis in enumerate(plan["IO_LAYOUT"].lane_bases)}
+    masks = [int(m) for m in re.findall(r"shfl\.sync\.bfly\.b32 p, v, (\d+),", plan["LANE_ASM"])]
+    assert sorted(lane_bit[m] for m in masks) == list(range(register_bits + 2, log_p + 2))
+    staged = gluon_mx.kron_plan(log_p, num_warps, register_bits)
+    assert staged["LANE_ASM"] == "" and staged["IO_LAYOUT"] == plan["IO_LAYOUT"]
+
+
+def test_kron_lane_plan_stages_a_slice_that_spans_warps() -> None:
+    """2^8 per slice on 2^2 values x 32 lanes: no warp holds a slice, so the plan has stages."""
+    plan = gluon_mx.kron_plan(8, 4, 2, lane_levels=True)
+    assert plan["LANE_ASM"] == "" and plan["N_STAGES"] > 1
+    assert plan == gluon_mx.kron_plan(8, 4, 2)
+
+
+def test_lane_butterfly_asm_runs_one_level_per_mask() -> None:
+    asm = gluon_mx.lane_butterfly_asm(4, 1, 2)
+    assert re.findall(r"bfly\.b32 p, v, (\d+),", asm) == ["4", "1", "2"]
+    assert asm.count("fma.rn.f32 v, v, s, p;") == 3 and asm.count("and.b32 l, i, ") == 3
+    for bad in ((), (3,), (32,)):
+        with pytest.raises(ValueError, match="lane-id bits"):
+            gluon_mx.lane_butterfly_asm(*bad)
 
 
 def test_dispatch_sends_kron_rotations_to_the_kron_kernel_on_cuda_only(monkeypatch) -> None:
@@ -253,7 +289,7 @@ def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference(kron_launches
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch, kron_launches) -> None:
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
-    monkeypatch.setitem(kernels.KRON_CONFIGS, (torch.float16, 1536), (4, 1, 0))
+    monkeypatch.setitem(kernels.KRON_CONFIGS, (torch.float16, 1536), (4, 1, 0, 1))
     kernels.clear_caches()
     try:
         fmt = FORMATS[0]

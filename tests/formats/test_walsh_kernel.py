@@ -74,7 +74,7 @@ def test_lane_butterfly_asm_is_a_shuffle_and_one_fused_add() -> None:
     """The PTX of the shuffle level: a butterfly shuffle across the given lane-id bit, the
     lane's sign from that bit of %laneid, and one fma (one rounding: a + c or a - c)."""
     asm = gluon_mx.lane_butterfly_asm(8)
-    assert "shfl.sync.bfly.b32 p, $1, 8, 0x1f, -1;" in asm and "and.b32 l, l, 8;" in asm
+    assert "shfl.sync.bfly.b32 p, v, 8, 0x1f, -1;" in asm and "and.b32 l, i, 8;" in asm and "%laneid" in asm
     assert asm.count("fma.rn.f32") == 1 and "0fBF800000" in asm  # -1.0 on the upper lane
     with pytest.raises(ValueError):
         gluon_mx.lane_butterfly_asm(3)
