@@ -723,12 +723,12 @@ USE_WALSH_KERNEL = True
 # Kron kernel (Gluon) for R = s (A kron H_P), A a +-1 K x K matrix: (num_warps, persistent
 # programs per SM, register cap (maxnreg; 0 = ptxas's choice), lane levels) by (activation dtype,
 # row length), else by dtype (`_kron_setting`), from the sweeps on an H100
-# (benchmarks/h100/kron_sweep.md): fp16 ran fastest on 8 warps capped at 128 registers (1536:
-# 73.3 -> 68.1 us, 576: 37.3 -> 36.4 us); bf16 uncapped on 4 warps (a cap cost 1536 bf16 12 %),
-# except 576 bf16, on fp16's setting since the quad mix (uncapped it took 181 registers: 40.4 ->
-# 33.1 us, MXINT4). Lane levels (1): H_P's levels on lane bits run by warp shuffle
-# (`_gluon_mx._lane_butterfly`) instead of through layout conversions (0).
-KRON_CONFIGS = {torch.float16: (8, 4, 128, 1), (torch.bfloat16, 576): (8, 4, 128, 1)}
+# (benchmarks/h100/kron_sweep.md). Lane levels (1): H_P's levels on lane bits run by warp shuffle
+# (`_gluon_mx._lane_butterfly`) instead of through layout conversions (0). fp16 and bf16 run
+# fastest on 8 warps capped at 128 registers with lane levels: bf16 1536 went from 76.9 to 69.0
+# us (MXINT4) and 87.4 to 74.0 us (MXFP4) against its old 4 uncapped warps without them, fp16
+# and 576 stayed within 1 us either way. fp32 (not timed) keeps 4 uncapped warps.
+KRON_CONFIGS = {torch.float16: (8, 4, 128, 1), torch.bfloat16: (8, 4, 128, 1)}
 KRON_DEFAULT_CONFIG = (4, 8, 0, 1)
 # KRON_MAX_VALUES: values per thread across the K slices (K * 2^register_bits,
 # `_kron_register_bits`): H_12 kron H_128 holds 96 (8 per slice; 167 registers uncapped).

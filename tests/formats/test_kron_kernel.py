@@ -211,20 +211,24 @@ def kron_launches(monkeypatch) -> list:
     return launches
 
 
-def _assert_close_to_reference(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, what: str) -> None:
+def _assert_close_to_reference(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, what: str, rotation) -> None:
     """A flip moves one element of R x by one step of its block's grid, which the orthogonal
     R^T carries back as a difference of the same norm; a row's quantization error is about
     sqrt(n / 12) such steps. So: over the whole tensor, differences of at most 5 % of the
     quantization error, none in an all-zero row, at most a third of it in any row (a few flips),
-    and under 1 % of elements off by more than fp32 rounding."""
+    and under 1 % of the elements of R x moved (a flip): counted where R got and R ref differ by
+    more than 1 % of the row's largest |R x|. (Not in the output: R^T spreads one flip over
+    the whole row, so at n = 6144 a single flip changed every element of its row.)"""
     assert got is not None, f"{what}: not covered"
     got, ref, x = got.float().cpu(), ref.float().cpu(), x.float().cpu()
     err = (ref - x).norm(dim=1)
     diff = (got - ref).norm(dim=1)
     assert float(diff.norm()) <= 0.05 * float(err.norm()), f"{what}: differences beyond rare flips"
     assert bool((diff <= err / 3).all()), f"{what}: a row differs beyond a few flips"
-    scale = x.abs().amax(dim=1, keepdim=True)
-    assert float((got - ref).abs().gt(1e-3 * scale).float().mean()) < 0.01, f"{what}: too many flips"
+    rotated = rotation.forward(x.double())
+    scale = rotated.abs().amax(dim=1, keepdim=True)
+    moved = (rotation.forward(got.double()) - rotation.forward(ref.double())).abs().gt(1e-2 * scale)
+    assert float(moved.float().mean()) < 0.01, f"{what}: too many flips"
 
 
 @pytest.mark.cuda
@@ -237,7 +241,7 @@ def test_kron_kernel_matches_the_reference_every_size_and_dtype(n, dtype, kron_l
     for rows in (37, 64):  # a ragged last tile (masked) and whole tiles
         x = sample_rows(rows, n, dtype, seed=n + rows)
         _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation),
-                                   x, f"n={n} rows={rows}")
+                                   x, f"n={n} rows={rows}", rotation)
     assert not kernels.GLUON_FAILURES
     assert (n, dtype) in kron_launches, "the kron kernel did not run"
 
@@ -250,7 +254,7 @@ def test_kron_kernel_matches_the_reference_every_format(n, fmt, kron_launches) -
     rotation = hadamard.get_rotation(n, block_size=32)
     x = sample_rows(48, n, torch.float16, seed=3)
     _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), x,
-                               str(fmt))
+                               str(fmt), rotation)
     assert (n, torch.float16) in kron_launches
 
 
@@ -264,7 +268,7 @@ def test_kron_kernel_blocks_within_and_across_slices(n, block_size, kron_launche
     rotation = hadamard.get_rotation(n, block_size=32)
     x = sample_rows(20, n, torch.bfloat16, seed=block_size)
     _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation), reference(x, fmt, rotation), x,
-                               f"block {block_size}")
+                               f"block {block_size}", rotation)
     assert (n, torch.bfloat16) in kron_launches
 
 
@@ -282,7 +286,7 @@ def test_kron_kernel_nonfinite_rows_become_nan_as_in_the_reference(kron_launches
     assert all(bool(out[row].isnan().all()) for out in (got, ref) for row in (2, 5))
     keep = [0, 1, 3, 4, 6, 7]
     assert not bool(got[keep].isnan().any())
-    _assert_close_to_reference(got[keep], ref[keep], x[keep], "finite rows")
+    _assert_close_to_reference(got[keep], ref[keep], x[keep], "finite rows", rotation)
 
 
 @pytest.mark.cuda
@@ -297,7 +301,7 @@ def test_kron_kernel_one_program_loops_over_every_tile(monkeypatch, kron_launche
         for rows in (45, 45, 46):  # several tiles of 8 rows, the last ragged; repeated; a new size
             x = sample_rows(rows, 1536, torch.float16, seed=rows)
             _assert_close_to_reference(kernels.rotated_fake_quantize(x, fmt, rotation),
-                                       reference(x, fmt, rotation), x, f"rows={rows}")
+                                       reference(x, fmt, rotation), x, f"rows={rows}", rotation)
         assert (1536, torch.float16) in kron_launches
     finally:
         kernels.clear_caches()
