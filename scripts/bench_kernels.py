@@ -223,8 +223,8 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
 
 def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
     """The Gluon kron kernel's (warps, programs per SM, values per thread over the K slices,
-    register cap): a cap of 0 is ptxas's choice; 128 / 96 / 80 registers let 4 / 5 / 6
-    programs of 4 warps share an SM."""
+    register cap, lane levels): a cap of 0 is ptxas's choice; 128 / 96 / 80 registers let 4 / 5
+    / 6 programs of 4 warps share an SM; lane levels 1 runs H_P's lane bits by warp shuffle."""
     key = (DTYPES[dtype_name], n)  # this size's own setting (kernels._kron_setting looks it up first)
     default_values = kernels.KRON_MAX_VALUES
     with _overwriting(kernels.KRON_CONFIGS, key):

@@ -79,8 +79,10 @@ def compile_kron_sm90(n: int, dtype: str = "fp16", fmt: str = "MXINT4", even: bo
     return compiled, sass, usage, kron.k << kron.register_bits
 
 
-# Kron lengths (the demo model's 576 and 1536) the check also compiles, per dtype with a setting.
-KRON_CHECK_CASES = [(576, "fp16"), (576, "bf16"), (1536, "fp16"), (1536, "bf16"), (1536, "fp32")]
+# Kron lengths the check also compiles: the demo model's 576 and 1536 (their timed settings), and
+# 1152 / 2560 on the default setting (H_36 x H_32 by lane levels only; H_20 x H_128).
+KRON_CHECK_CASES = [(576, "fp16"), (576, "bf16"), (1536, "fp16"), (1536, "bf16"), (1536, "fp32"), (1152, "fp16"),
+                    (2560, "bf16")]
 # Every length the dispatch may send to the kernel (fp16, whole and ragged tiles), plus bf16 / fp32.
 CHECK_CASES = [(log_n, "fp16", log_n % 2 == 0) for log_n in range(8, 16)] + [(11, "bf16", True), (12, "fp32", False)]
 
@@ -102,15 +104,24 @@ def check_all() -> int:
         }), flush=True)
     for n, dtype in KRON_CHECK_CASES:
         compiled, sass, usage, values = compile_kron_sm90(n, dtype)
-        print(json.dumps({"kernel": "kron", "n": n, "dtype": dtype, **_usage(sass, usage, values)}), flush=True)
+        setting = kernels._kron_setting(DTYPES[dtype], n)
+        print(json.dumps({"kernel": "kron", "n": n, "dtype": dtype, "setting": setting, **_usage(sass, usage, values)}),
+              flush=True)
     return 0
 
 
 def _usage(sass: str, usage: str, values_per_thread: int) -> dict:
+    """Spills, registers and instructions per element of a compiled kernel. ptxas keeps register
+    spills in the stack frame (STACK in the resource usage, STL / LDL in the SASS), not in
+    LOCAL, which counts local arrays: spill_instructions is the number to keep at 0."""
     local = re.search(r"LOCAL:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
     registers = re.search(r"REG:(\d+)", usage)
     instructions = len(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+[A-Z]", sass, re.MULTILINE))
+    spills = len(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(?:STL|LDL)\b", sass, re.MULTILINE))
     return {"local_bytes": int(local.group(1)) if local else None,
+            "stack_bytes": int(stack.group(1)) if stack else None,
+            "spill_instructions": spills,
             "registers": int(registers.group(1)) if registers else None,
             "instructions_per_element": round(instructions / values_per_thread, 1)}
 

@@ -69,7 +69,7 @@ def lane_butterfly_asm(*lane_masks: int) -> str:
     """The PTX of `_lane_butterfly` for the lane-id bits lane_masks, one level after another:
     fma(x, +-1, partner) rounds the sum or difference once, the same IEEE fp32 add or subtract
     as `_butterfly`; a lane's sign is the same in every use, so ptxas computes it once."""
-    if not lane_masks or any(mask not in (1, 2, 4, 8, 16) for mask in lane_masks):
+    if not lane_masks or len(set(lane_masks)) < len(lane_masks) or any(m not in (1, 2, 4, 8, 16) for m in lane_masks):
         raise ValueError(f"lane_butterfly_asm: lane-id bits, got {lane_masks}")
     levels = "".join(
         f"shfl.sync.bfly.b32 p, v, {mask}, 0x1f, -1; "

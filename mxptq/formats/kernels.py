@@ -15,10 +15,11 @@ dtype with round-to-nearest-even.
 `try_rotated_quantize` computes R^-1 Q(R x). For a Walsh rotation (n = 2^m, 2^8..2^15) on CUDA
 it runs `_gluon_mx`: the reference's fp32 butterflies in the reference's order, in registers,
 so the result is bit-exact (see that module). A rotation R = s (A kron H_P) with A a +-1 matrix
-of order K = 12 (8 <= P <= 1024), 20 (P <= 256) or 28-44 (P <= 16) (H_12 kron H_128 = 1536,
-H_36 kron H_16 = 576) runs the Gluon kron
-kernel on CUDA: the butterflies on each of the K slices of a row, and A as add/subtract of
-slices in registers (`_gluon_mx.mx_kron_rotated_kernel`); like the MMA kernel it agrees with
+of order K = 12 (8 <= P <= 1024), 20 (P <= 256) or 28-44 (P <= 64, `_build_kron_plan`)
+(H_12 kron H_128 = 1536, H_36 kron H_16 = 576) runs the Gluon kron kernel on CUDA: the
+butterflies on each of the K slices of a row (by warp shuffle where a slice lies in one warp),
+and A as add/subtract of slices in registers, columns in pairs or quads
+(`_gluon_mx.mx_kron_rotated_kernel`); like the MMA kernel it agrees with
 the reference to fp32 rounding, not bit for bit. Every other +-1 Kronecker rotation
 (R = s (A kron B)), and all of them in Triton's CPU interpreter, runs the MMA kernel, in two MMA stages per direction
 on the tensor cores: the +-1 Hadamard factors and 16-bit activations (and the quantized values)
@@ -37,9 +38,9 @@ loaded once and stored once, so the plain kernel runs at close to copy bandwidth
 fp16, 66-69 % at 4096 and 59-61 % at 8192; bf16 51-70 % (41-48 instructions per element, 2 log2 n
 = 22-26 of them butterfly adds; time followed the count, and at n = 2048 Nsight Compute saw 68 %
 of issue slots busy at 25 % occupancy: benchmarks/walsh_sass.md, benchmarks/h100/walsh_direct.md,
-benchmarks/h100/ncu_walsh.md); the kron kernel 51-53 % at 1536 and 32-33 % at 576 (fp16; bf16
-39-41 % and 28-30 %), latency-bound (profiled uncapped on 4 warps: 3 programs per SM,
-benchmarks/h100/ncu_kron.md), where
+benchmarks/h100/ncu_walsh.md); the kron kernel 52-53 % at 1536 and 39-41 % at 576 (fp16; bf16
+48-53 % and 36-38 %; before its quad mix and lane levels it was latency-bound, profiled
+uncapped on 4 warps: 3 programs per SM, benchmarks/h100/ncu_kron.md), where
 the MMA kernel, bound by shared-memory layout traffic between its MMA stages
 (benchmarks/h100/ncu_rotated.md), ran 25-26 % and 18-19 % (benchmarks/h100/bench_kernels.md).
 """
@@ -583,8 +584,8 @@ def _build_kron_plan(rotation) -> _KronPlan | None:
     inverse maps factor so (checked as `_build_rotation_plan` checks them), or None. The
     values per thread (`_kron_register_bits`) and at most four layout stages bound P: K = 12
     takes 8 <= P <= 1024, K = 20 P <= 256, K = 28..44 (2 values per slice) P <= 16 with
-    stages and P <= 64 with lane levels (a slice within one warp; every KRON_CONFIGS setting
-    has them), so 576 = 36 * 16, 1152 and 2304 qualify and 4608 = 36 * 128 does not."""
+    stages and P <= 64 with lane levels (a slice within one warp; the setting of every dtype at
+    n must have them), so 576 = 36 * 16, 1152 and 2304 qualify and 4608 = 36 * 128 does not."""
     n = getattr(rotation, "n", None)
     if not isinstance(n, int) or n < 2:
         return None
@@ -604,8 +605,8 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
 
     n = k * p
     register_bits = _kron_register_bits(k)
-    try:  # the layouts exist for every configured setting (`_kron_tile` builds them again, cached)
-        for num_warps, _, _, lane_levels in {*KRON_CONFIGS.values(), KRON_DEFAULT_CONFIG}:
+    try:  # the layouts exist for the setting of every dtype at n (`_kron_tile` builds them again, cached)
+        for num_warps, _, _, lane_levels in {_kron_setting(dtype, n) for dtype in SUPPORTED_DTYPES}:
             _gluon_mx.kron_plan(p.bit_length() - 1, num_warps, register_bits, bool(lane_levels))
     except ValueError:
         return None
@@ -722,13 +723,17 @@ WALSH_LOG_N_RANGE = (8, 15)
 USE_WALSH_KERNEL = True
 # Kron kernel (Gluon) for R = s (A kron H_P), A a +-1 K x K matrix: (num_warps, persistent
 # programs per SM, register cap (maxnreg; 0 = ptxas's choice), lane levels) by (activation dtype,
-# row length), else by dtype (`_kron_setting`), from the sweeps on an H100
-# (benchmarks/h100/kron_sweep.md). Lane levels (1): H_P's levels on lane bits run by warp shuffle
-# (`_gluon_mx._lane_butterfly`) instead of through layout conversions (0). fp16 and bf16 run
-# fastest on 8 warps capped at 128 registers with lane levels: bf16 1536 went from 76.9 to 69.0
-# us (MXINT4) and 87.4 to 74.0 us (MXFP4) against its old 4 uncapped warps without them, fp16
-# and 576 stayed within 1 us either way. fp32 (not timed) keeps 4 uncapped warps.
-KRON_CONFIGS = {torch.float16: (8, 4, 128, 1), torch.bfloat16: (8, 4, 128, 1)}
+# row length), else KRON_DEFAULT_CONFIG (`_kron_setting`). Lane levels (1): H_P's levels on lane
+# bits run by warp shuffle (`_gluon_mx._lane_butterfly`) instead of through layout conversions (0).
+# 576 and 1536, from the sweeps on an H100 (benchmarks/h100/kron_sweep.md): 8 warps capped at 128
+# registers with lane levels; bf16 1536 went from 76.9 to 69.0 us (MXINT4) and 87.4 to 74.0 us
+# (MXFP4) against its old 4 uncapped warps without them, fp16 and 576 moved by at most 1.2 us
+# either way. 576 bf16 spills a little there (44 SASS spill instructions) and still ran fastest.
+# Other lengths (not timed): 4 warps, no cap, lane levels, the setting without spills at every
+# length `scripts/count_sass_walsh.py` compiled (1152-6144; the 128 cap spilled at 1152, 2304,
+# 2560 and 6144).
+_KRON_TIMED = (8, 4, 128, 1)
+KRON_CONFIGS = {(dtype, n): _KRON_TIMED for dtype in (torch.float16, torch.bfloat16) for n in (576, 1536)}
 KRON_DEFAULT_CONFIG = (4, 8, 0, 1)
 # KRON_MAX_VALUES: values per thread across the K slices (K * 2^register_bits,
 # `_kron_register_bits`): H_12 kron H_128 holds 96 (8 per slice; 167 registers uncapped).
@@ -829,12 +834,13 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
 def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, rows_per_tile: int,
                    entry: _FormatEntry, variant: tuple, constexprs, setting: tuple, failure_key: tuple):
     """Run a Gluon rotated kernel (signature x, y, n_rows, n_tiles, scale) over x's rows of n:
-    persistent programs, `setting` = (num_warps, programs per SM, register cap), over tiles of
+    persistent programs, `setting` = (num_warps, programs per SM, register cap, and for the kron
+    kernel lane levels, which only the plan reads), over tiles of
     rows_per_tile rows. The compiled variant is cached in the format's entry under the key
     (kernel name, n, dtype, device, plan, setting, whether the rows fill whole tiles), where
     variant = (kernel name, what identifies its plan: register bits, the kron plan); constexprs(even) builds its constants on first use. None where
     the launch failed (`_launch_gluon`)."""
-    num_warps, programs_per_sm, max_registers = setting
+    num_warps, programs_per_sm, max_registers = setting[:3]
     x = x.contiguous()
     n_rows = x.numel() // n
     even = n_rows % rows_per_tile == 0
@@ -896,7 +902,11 @@ def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, ent
 def _kron_setting(dtype: torch.dtype, n: int) -> tuple[int, int, int, int]:
     """(num_warps, programs per SM, register cap, lane levels) of the kron kernel on rows of n
     (KRON_CONFIGS)."""
-    return KRON_CONFIGS.get((dtype, n)) or KRON_CONFIGS.get(dtype, KRON_DEFAULT_CONFIG)
+    setting = KRON_CONFIGS.get((dtype, n)) or KRON_CONFIGS.get(dtype, KRON_DEFAULT_CONFIG)
+    if len(setting) != 4:  # (a hand-edited table: say so rather than fall back to the MMA kernel silently)
+        raise ValueError(f"KRON_CONFIGS setting {setting} for {dtype} rows of {n}: (warps, programs per SM, "
+                         "register cap, lane levels)")
+    return setting
 
 
 def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) -> torch.Tensor | None:
@@ -918,7 +928,7 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     return _gluon_rotated(
         _gluon_mx.mx_kron_rotated_kernel, "kron", x, n, kron.scale, rows_per_tile, entry, ("kron", kron),
         lambda even: _kron_constexprs(plan, even, x.dtype, block, entry, kron),
-        (num_warps, programs_per_sm, max_registers), failure_key)
+        (num_warps, programs_per_sm, max_registers, lane_levels), failure_key)
 
 
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:

@@ -134,10 +134,12 @@ def test_only_walsh_rotations_of_covered_lengths_qualify() -> None:
 
 def test_gluon_kernels_compile_for_sm90_with_only_the_plans_layout_conversions() -> None:
     """The installed Triton compiles the Walsh kernel for an H100 (sm_90; no GPU needed) for
-    every length the dispatch may send it, and the kron kernel for 576 and 1536: the Gluon API
-    they use exists here. The compiler must add no layout conversion of its own to the Walsh
-    kernel (each is a trip through shared memory), and the settings the sweeps measured (Walsh
-    2^11..2^13, kron 576 and 1536 fp16/bf16) must not spill registers. Compiled in a child
+    every length the dispatch may send it, and the kron kernel for 576, 1152, 1536 and 2560: the
+    Gluon API they use exists here. The compiler must add no layout conversion of its own to the
+    Walsh kernel (each is a trip through shared memory). Spills (STL / LDL in the SASS, the stack
+    frame; `count_sass_walsh._usage`): none in the Walsh settings the sweeps measured (2^11..2^13)
+    or in an uncapped kron setting, at most a few under the kron kernel's timed 128-register cap.
+    Compiled in a child
     process: Triton's CPU interpreter, which other kernel tests switch on, cannot compile for a
     GPU."""
     import triton
@@ -153,14 +155,17 @@ def test_gluon_kernels_compile_for_sm90_with_only_the_plans_layout_conversions()
     cases = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     walsh = [case for case in cases if case["kernel"] == "walsh"]
     kron = [case for case in cases if case["kernel"] == "kron"]
-    assert len(walsh) == 10 and len(kron) == 5
+    assert len(walsh) == 10 and len(kron) == 7
     for case in walsh:
         assert case["conversions"] <= case["plan_conversions"], case
         if 11 <= case["log_n"] <= 13:
-            assert case["local_bytes"] == 0, f"register spills: {case}"
+            assert case["spill_instructions"] == case["stack_bytes"] == case["local_bytes"] == 0, f"spills: {case}"
     for case in kron:
-        if case["dtype"] != "fp32":
-            assert case["local_bytes"] == 0, f"register spills: {case}"
+        if case["setting"][2] == 0:  # no register cap: nothing forces a spill
+            assert case["spill_instructions"] == case["stack_bytes"] == 0, f"spills: {case}"
+        else:  # the timed 128 cap: a few spills the timing accepted (576 bf16: 72 bytes with Triton 3.6,
+            # 48 with 3.9); the same cap at 1152 spilled 336
+            assert case["stack_bytes"] <= 128, f"spills: {case}"
 
 
 def _ran_walsh(fmt: Format, n: int, dtype: torch.dtype) -> bool:
