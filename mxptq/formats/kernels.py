@@ -34,8 +34,8 @@ element grid (one quantum, in a small fraction of elements; the tests bound both
 Why one pass: the straightforward torch fake-quantization reads and writes the activation about
 ten times (abs, amax, log2, ceil, divide, round, clamp, multiply, cast); here each element is
 loaded once and stored once, so the plain kernel runs at close to copy bandwidth
-(scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 71-76 % of copy at n = 2048
-fp16, 66-69 % at 4096 and 59-61 % at 8192; bf16 51-70 % (41-48 instructions per element, 2 log2 n
+(scripts/bench_kernels.py). On an H100 the Walsh kernel reaches 72-76 % of copy at n = 2048
+fp16, 66-69 % at 4096 and 59-61 % at 8192; bf16 55-72 % (41-48 instructions per element, 2 log2 n
 = 22-26 of them butterfly adds; time followed the count, and at n = 2048 Nsight Compute saw 68 %
 of issue slots busy at 25 % occupancy: benchmarks/walsh_sass.md, benchmarks/h100/walsh_direct.md,
 benchmarks/h100/ncu_walsh.md); the kron kernel 52-53 % at 1536 and 39-41 % at 576 (fp16; bf16
