@@ -304,8 +304,9 @@ def mx_kron_rotated_kernel(
     that each layout conversion moves four slices at once (one trip through shared memory, not
     four); with LANE_ASM, the levels on lane bits run by warp shuffle (`_lane_butterfly`) and
     the tile never leaves the IO layout. A mixes the slices element by element in registers
-    (`_mix`). The inverse runs A^T first, then the butterflies in reverse. Not bit-exact (the reference's H_K is an fp32 matmul): R x agrees with the
-    reference to fp32 rounding, as the MMA kernel's does."""
+    (`_mix`). The inverse runs A^T first, then the butterflies in reverse. Not bit-exact (the
+    reference's H_K is an fp32 matmul): R x agrees with the reference to fp32 rounding, as the
+    MMA kernel's does."""
     gl.static_assert(NONFINITE == 0, "the rotated kernel implements the block-NaN policy only")
     gl.static_assert(K % 4 == 0, "slices are joined in fours")
     P: gl.constexpr = 1 << LOG_N
@@ -373,6 +374,7 @@ def kron_plan(log_p: int, num_warps: int, register_bits: int, lane_levels: bool 
         plan = _stage_plan(io_regs, io_lanes, io_warps, slice_total + 2, log_p, register_bits + 2, first=2)
         return dict(plan, SLICE_LAYOUT=slice_layout, VECTOR=1 << register_bits, LANE_ASM="")
     # The levels on register bits in the IO layout, the rest by warp shuffle: no layout stages.
+    # The stage plan covers the register bits only, so LOG_N is set back to the slice's.
     plan = _stage_plan(io_regs, io_lanes, io_warps, slice_total + 2, register_bits, register_bits + 2, first=2)
     lane_bits = range(register_bits + 2, log_p + 2)
     lane_asm = lane_butterfly_asm(*(1 << io_lanes.index(b) for b in lane_bits)) if lane_bits else ""

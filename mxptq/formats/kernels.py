@@ -605,8 +605,9 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
 
     n = k * p
     register_bits = _kron_register_bits(k)
+    settings = {_kron_setting(dtype, n) for dtype in SUPPORTED_DTYPES}  # (outside the try: a bad table raises)
     try:  # the layouts exist for the setting of every dtype at n (`_kron_tile` builds them again, cached)
-        for num_warps, _, _, lane_levels in {_kron_setting(dtype, n) for dtype in SUPPORTED_DTYPES}:
+        for num_warps, _, _, lane_levels in settings:
             _gluon_mx.kron_plan(p.bit_length() - 1, num_warps, register_bits, bool(lane_levels))
     except ValueError:
         return None
@@ -834,13 +835,13 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
 def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, rows_per_tile: int,
                    entry: _FormatEntry, variant: tuple, constexprs, setting: tuple, failure_key: tuple):
     """Run a Gluon rotated kernel (signature x, y, n_rows, n_tiles, scale) over x's rows of n:
-    persistent programs, `setting` = (num_warps, programs per SM, register cap, and for the kron
-    kernel lane levels, which only the plan reads), over tiles of
+    persistent programs, `setting` = (num_warps, programs per SM, register cap), over tiles of
     rows_per_tile rows. The compiled variant is cached in the format's entry under the key
     (kernel name, n, dtype, device, plan, setting, whether the rows fill whole tiles), where
-    variant = (kernel name, what identifies its plan: register bits, the kron plan); constexprs(even) builds its constants on first use. None where
-    the launch failed (`_launch_gluon`)."""
-    num_warps, programs_per_sm, max_registers = setting[:3]
+    variant = (kernel name, what identifies its plan: the Walsh register bits; the kron plan and
+    lane levels); constexprs(even) builds its constants on first use. None where the launch
+    failed (`_launch_gluon`)."""
+    num_warps, programs_per_sm, max_registers = setting
     x = x.contiguous()
     n_rows = x.numel() // n
     even = n_rows % rows_per_tile == 0
@@ -894,8 +895,9 @@ def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, ent
                      kron: _KronPlan) -> dict:
     """Every constexpr of `_gluon_mx.mx_kron_rotated_kernel` (compiled GPU code only)."""
     io = _compiled_io(dtype)
-    return dict(plan, EVEN=even, K=kron.k, MIX_GROUP=kron.mix_group, FORWARD_TERMS=kron.forward_terms, FORWARD_FLIP=kron.forward_flip,
-                INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip, IO=io, BLOCK=block,
+    return dict(plan, EVEN=even, K=kron.k, MIX_GROUP=kron.mix_group, FORWARD_TERMS=kron.forward_terms,
+                FORWARD_FLIP=kron.forward_flip, INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip,
+                IO=io, BLOCK=block,
                 **entry.constexprs, OUT_IO=_out_io(dtype, entry))
 
 
@@ -926,9 +928,9 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     except ValueError:  # KRON_CONFIGS changed after the plan was built (a benchmark sweep)
         return None
     return _gluon_rotated(
-        _gluon_mx.mx_kron_rotated_kernel, "kron", x, n, kron.scale, rows_per_tile, entry, ("kron", kron),
-        lambda even: _kron_constexprs(plan, even, x.dtype, block, entry, kron),
-        (num_warps, programs_per_sm, max_registers, lane_levels), failure_key)
+        _gluon_mx.mx_kron_rotated_kernel, "kron", x, n, kron.scale, rows_per_tile, entry,
+        ("kron", (kron, bool(lane_levels))), lambda even: _kron_constexprs(plan, even, x.dtype, block, entry, kron),
+        (num_warps, programs_per_sm, max_registers), failure_key)
 
 
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:

@@ -113,6 +113,14 @@ def test_kron_mix_rejects_what_it_cannot_code() -> None:
         gluon_mx.kron_mix(torch.ones(6, 6, dtype=torch.long).tolist(), 3)
 
 
+def test_a_settings_entry_of_the_wrong_length_raises(monkeypatch) -> None:
+    """A KRON_CONFIGS entry without its lane-level field is an error, not a silent fallback to
+    the MMA kernel (the plan check catches only layout errors)."""
+    monkeypatch.setitem(kernels.KRON_CONFIGS, (torch.float16, 576), (8, 4, 128))
+    with pytest.raises(ValueError, match="lane levels"):
+        kernels._build_kron_plan(hadamard.get_rotation(576, block_size=32))
+
+
 def test_only_kron_rotations_the_kernel_can_hold_qualify() -> None:
     assert kernels._build_kron_plan(hadamard.get_rotation(2048)) is None  # Walsh: K a power of two
     assert kernels._build_kron_plan(hadamard.get_rotation(4608)) is None  # H_36 x H_128: too many stages
