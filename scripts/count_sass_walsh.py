@@ -6,6 +6,7 @@ Usage (any machine with Triton >= 3.6 and its bundled ptxas / cuobjdump):
     python scripts/count_sass_walsh.py [--log-n 11] [--warps 4] [--register-bits 6]
                                        [--dtype fp16|bf16|fp32] [--format MXINT4|MXFP4|MXFP8]
     python scripts/count_sass_walsh.py --kron-n 1536 [--dtype ...]   # the kron kernel, KRON_CONFIGS settings
+    python scripts/count_sass_walsh.py --kron-n 576 --tensor-cores   # the kron kernel with A on the tensor cores
     python scripts/count_sass_walsh.py --check-all     # every length the dispatch uses, JSON lines
 
 Prints the kernel's register count and its SASS instructions, total and per element of the
@@ -31,19 +32,22 @@ from bench_kernels import FORMATS  # the benchmark's formats (this script's fold
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from mxptq.formats import _gluon_mx, kernels
+from mxptq.formats import _gluon_kron_tc, _gluon_mx, kernels
 
 POINTERS = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _compile(kernel, constexprs: dict, dtype: str, warps: int, max_registers: int):
-    """(CompiledKernel, SASS text, resource usage text) of a rotated Gluon kernel for sm_90."""
+def _compile(kernel, constexprs: dict, dtype: str, warps: int, max_registers: int, operands: tuple = ()):
+    """(CompiledKernel, SASS text, resource usage text) of a rotated Gluon kernel for sm_90
+    (`operands`: names of further pointer arguments after scale, of the activation dtype)."""
     pointer = POINTERS[dtype]
     signature = {"x_ptr": pointer, "y_ptr": pointer, "n_rows": "i32", "n_tiles": "i32", "scale": "fp32"}
+    signature.update(dict.fromkeys(operands, pointer))
     signature.update(dict.fromkeys(constexprs, "constexpr"))
+    aligned = [0, 1] + [5 + i for i in range(len(operands))]
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                            attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
+                            attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     options = {"num_warps": warps, **({"maxnreg": max_registers} if max_registers else {})}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -79,10 +83,30 @@ def compile_kron_sm90(n: int, dtype: str = "fp16", fmt: str = "MXINT4", even: bo
     return compiled, sass, usage, kron.k << kron.register_bits
 
 
+def compile_kron_tc_sm90(n: int, dtype: str = "fp16", fmt: str = "MXINT4", block: int = 32):
+    """Compile the tensor-core kron kernel for rows of n with kernels.KRON_TC_SETTING:
+    (CompiledKernel, SASS, usage, values per thread)."""
+    from mxptq.nn.hadamard import get_rotation
+
+    kron = kernels._build_kron_plan(get_rotation(n, block_size=32))
+    if kron is None or not kernels._kron_tc_applies(DTYPES[dtype], kron, block):
+        raise SystemExit(f"rows of {n} {dtype}: the tensor-core kron kernel does not take them")
+    warps, _per_sm, max_registers, stages = kernels.KRON_TC_SETTING
+    plan, rows_per_tile = kernels._kron_tc_tile(kron.log_p, warps, block)
+    entry = kernels._format_entry(FORMATS[fmt])
+    constexprs = dict(plan, K=kron.k, STAGES=stages, IO=kernels._compiled_io(DTYPES[dtype]), BLOCK=block,
+                      **entry.constexprs, OUT_IO=kernels._out_io(DTYPES[dtype], entry))
+    compiled, sass, usage = _compile(_gluon_kron_tc.mx_kron_tc_rotated_kernel, constexprs, dtype, warps,
+                                     max_registers, ("forward_ptr", "inverse_ptr"))
+    return compiled, sass, usage, rows_per_tile * n // (32 * warps)
+
+
 # Kron lengths the check also compiles: the demo model's 576 and 1536 (their timed settings), and
 # 1152 / 2560 on the default setting (H_36 x H_32 by lane levels only; H_20 x H_128).
 KRON_CHECK_CASES = [(576, "fp16"), (576, "bf16"), (1536, "fp16"), (1536, "bf16"), (1536, "fp32"), (1152, "fp16"),
                     (2560, "bf16")]
+# The tensor-core kron kernel: 576 in both 16-bit dtypes, 1152 and 2304 (more p bits on lanes).
+KRON_TC_CHECK_CASES = [(576, "fp16"), (576, "bf16"), (1152, "fp16"), (2304, "bf16")]
 # Every length the dispatch may send to the kernel (fp16, whole and ragged tiles), plus bf16 / fp32.
 CHECK_CASES = [(log_n, "fp16", log_n % 2 == 0) for log_n in range(8, 16)] + [(11, "bf16", True), (12, "fp32", False)]
 
@@ -107,6 +131,10 @@ def check_all() -> int:
         setting = kernels._kron_setting(DTYPES[dtype], n)
         print(json.dumps({"kernel": "kron", "n": n, "dtype": dtype, "setting": setting, **_usage(sass, usage, values)}),
               flush=True)
+    for n, dtype in KRON_TC_CHECK_CASES:
+        compiled, sass, usage, values = compile_kron_tc_sm90(n, dtype)
+        print(json.dumps({"kernel": "kron-tc", "n": n, "dtype": dtype, "setting": kernels.KRON_TC_SETTING,
+                          "shared_memory_bytes": compiled.metadata.shared, **_usage(sass, usage, values)}), flush=True)
     return 0
 
 
@@ -130,6 +158,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-all", action="store_true", help="every length the dispatch uses, as JSON lines")
     ap.add_argument("--kron-n", type=int, default=0, help="compile the kron kernel for rows of this length instead")
+    ap.add_argument("--tensor-cores", action="store_true", help="with --kron-n: the tensor-core kron kernel")
     ap.add_argument("--log-n", type=int, default=11)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--register-bits", type=int, default=_gluon_mx.REGISTER_BITS)
@@ -140,9 +169,11 @@ def main() -> int:
     if args.check_all:
         return check_all()
     if args.kron_n:
-        _compiled, sass, usage, per_thread = compile_kron_sm90(args.kron_n, args.dtype, args.format)
-        print(f"triton {triton.__version__}, sm_90, kron kernel, n = {args.kron_n}, {args.dtype} {args.format} "
-              f"(kernels.KRON_CONFIGS): {json.dumps(_usage(sass, usage, per_thread))}")
+        compile_kron = compile_kron_tc_sm90 if args.tensor_cores else compile_kron_sm90
+        _compiled, sass, usage, per_thread = compile_kron(args.kron_n, args.dtype, args.format)
+        what = "tensor-core kron kernel (kernels.KRON_TC_SETTING)" if args.tensor_cores else "kron kernel (kernels.KRON_CONFIGS)"
+        print(f"triton {triton.__version__}, sm_90, {what}, n = {args.kron_n}, {args.dtype} {args.format}: "
+              f"{json.dumps(_usage(sass, usage, per_thread))}")
         return 0
     _compiled, sass, usage = compile_sm90(args.log_n, args.warps, args.register_bits, args.dtype, args.format,
                                           max_registers=args.max_registers)

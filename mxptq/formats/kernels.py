@@ -75,6 +75,14 @@ except Exception:  # noqa: BLE001 - ImportError, or a Triton whose Gluon API dif
     _gluon_mx = None
     HAVE_GLUON = False
 
+try:  # the kron kernel with A on the tensor cores (Gluon's Ampere MMA and cp.async)
+    from mxptq.formats import _gluon_kron_tc
+
+    HAVE_KRON_TC = HAVE_GLUON
+except Exception:  # noqa: BLE001 - as above
+    _gluon_kron_tc = None
+    HAVE_KRON_TC = False
+
 __all__ = [
     "HAVE_GLUON",
     "HAVE_TRITON",
@@ -563,6 +571,8 @@ class _KronPlan:
     inverse_terms: tuple
     inverse_flip: tuple
     scale: float
+    forward_matrix: tuple = ()  # A and A' themselves (rows of +-1), for the tensor-core kernel
+    inverse_matrix: tuple = ()
 
 
 def _kron_register_bits(k: int) -> int:
@@ -612,7 +622,7 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
     except ValueError:
         return None
     sylvester = fwht(torch.eye(p, dtype=torch.float64), normalize=False)
-    codes, scales = [], []
+    codes, scales, matrices = [], [], []
     for which in ("forward", "inverse"):
         factors = _factor_kron(rotation, which, n, p)
         if factors is None:
@@ -625,13 +635,15 @@ def _kron_plan_for(rotation, k: int, p: int) -> _KronPlan | None:
         if not torch.equal(b_int, sylvester):
             return None
         codes.append(_gluon_mx.kron_mix(a_int.long().tolist(), _kron_mix_group(k)))
+        matrices.append(tuple(map(tuple, a_int.long().tolist())))
         scales.append(a_scale * b_scale)
     if abs(scales[0] - scales[1]) > 1e-12 * scales[0]:
         return None  # the kernel has one normalization for both directions
     (forward_terms, forward_flip), (inverse_terms, inverse_flip) = codes
     return _KronPlan(k=k, log_p=p.bit_length() - 1, register_bits=register_bits, mix_group=_kron_mix_group(k),
                      forward_terms=forward_terms, forward_flip=forward_flip, inverse_terms=inverse_terms,
-                     inverse_flip=inverse_flip, scale=scales[0])
+                     inverse_flip=inverse_flip, scale=scales[0], forward_matrix=matrices[0],
+                     inverse_matrix=matrices[1])
 
 
 class _PlanEntry:
@@ -688,6 +700,8 @@ def clear_caches() -> None:
     _cached_plan.cache_clear()
     _walsh_plan.cache_clear()
     _kron_tile.cache_clear()
+    _kron_tc_tile.cache_clear()
+    _kron_tc_operands.cache_clear()
     _PLAN_ENTRIES.clear()
     _FORMAT_ENTRIES.clear()
 
@@ -745,6 +759,13 @@ KRON_MAX_VALUES = 96
 # combinations of a quad spilled at 128 registers (1536 fp16: 50.2 -> 51.1 per element).
 KRON_QUAD_MIN_K = 20
 USE_KRON_KERNEL = True
+# The kron kernel with A on the tensor cores (`_gluon_kron_tc`), for A of order 36 (576 =
+# H_36 kron H_16; 1152, 2304) in fp16 and bf16: (num_warps, persistent programs per SM, register
+# cap, tiles in flight). Swept on an H100 (benchmarks/h100/kron_tc_sweep.md): 2 warps (8 rows
+# per tile at 576), 4 programs per SM, 3 tiles in flight ran 22.5 us against the CUDA-core kron
+# kernel's 28.3 (fp16 MXINT4).
+KRON_TC_SETTING = (2, 4, 0, 3)
+USE_KRON_TC_KERNEL = True
 # (device, row length, dtype) -> the error of a Gluon kernel that failed to compile or launch
 # there (a Triton whose experimental Gluon API differs): that case then runs the MMA kernel,
 # with one warning.
@@ -833,14 +854,15 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
 
 
 def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, rows_per_tile: int,
-                   entry: _FormatEntry, variant: tuple, constexprs, setting: tuple, failure_key: tuple):
+                   entry: _FormatEntry, variant: tuple, constexprs, setting: tuple, failure_key: tuple,
+                   operands: tuple = ()):
     """Run a Gluon rotated kernel (signature x, y, n_rows, n_tiles, scale) over x's rows of n:
     persistent programs, `setting` = (num_warps, programs per SM, register cap), over tiles of
     rows_per_tile rows. The compiled variant is cached in the format's entry under the key
     (kernel name, n, dtype, device, plan, setting, whether the rows fill whole tiles), where
     variant = (kernel name, what identifies its plan: the Walsh register bits; the kron plan and
-    lane levels); constexprs(even) builds its constants on first use. None where the launch
-    failed (`_launch_gluon`)."""
+    lane levels); constexprs(even) builds its constants on first use; `operands` follow scale
+    in the kernel's arguments. None where the launch failed (`_launch_gluon`)."""
     num_warps, programs_per_sm, max_registers = setting
     x = x.contiguous()
     n_rows = x.numel() // n
@@ -848,12 +870,12 @@ def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, row
     key = (variant[0], n, x.dtype, x.device, variant[1], setting, even)
     config = entry.configs.get(key)
     if config is None:
-        config = entry.configs[key] = _LaunchConfig(kernel, 5, constexprs(even), num_warps,
+        config = entry.configs[key] = _LaunchConfig(kernel, 5 + len(operands), constexprs(even), num_warps,
                                                     {"maxnreg": max_registers} if max_registers else None)
     n_tiles = -(-n_rows // rows_per_tile)
     y = torch.empty_like(x)
     grid = (min(n_tiles, _sm_count(x.device) * programs_per_sm), 1, 1)
-    return y if _launch_gluon(config, grid, (x, y, n_rows, n_tiles, scale), failure_key, what) else None
+    return y if _launch_gluon(config, grid, (x, y, n_rows, n_tiles, scale, *operands), failure_key, what) else None
 
 
 def _gluon_compiled(fmt, kernel: str, n: int, dtype: torch.dtype) -> bool:
@@ -922,6 +944,8 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     failure_key = (x.device, n, x.dtype)
     if failure_key in GLUON_FAILURES:
         return None
+    if USE_KRON_TC_KERNEL and _kron_tc_applies(x.dtype, kron, block):
+        return _kron_tc_rotated(x, entry, kron, block, failure_key)
     num_warps, programs_per_sm, max_registers, lane_levels = _kron_setting(x.dtype, n)
     try:
         plan, rows_per_tile = _kron_tile(kron.log_p, num_warps, kron.register_bits, bool(lane_levels))
@@ -931,6 +955,45 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
         _gluon_mx.mx_kron_rotated_kernel, "kron", x, n, kron.scale, rows_per_tile, entry,
         ("kron", (kron, bool(lane_levels))), lambda even: _kron_constexprs(plan, even, x.dtype, block, entry, kron),
         (num_warps, programs_per_sm, max_registers), failure_key)
+
+
+def _kron_tc_applies(dtype: torch.dtype, kron: _KronPlan, block: int) -> bool:
+    """Whether the tensor-core kron kernel takes these rows: A of order 36, slices of 16-64,
+    16-bit activations (the MMA's exact inputs; fp32 rows keep the CUDA-core kron kernel) and
+    blocks of at most four slices (`_gluon_kron_tc.kron_tc_plan`)."""
+    return (HAVE_KRON_TC and kron.k == _gluon_kron_tc.TC_K and 4 <= kron.log_p <= 6
+            and dtype in (torch.float16, torch.bfloat16) and 2 <= block <= 4 << kron.log_p)
+
+
+@functools.lru_cache(maxsize=32)
+def _kron_tc_tile(log_p: int, num_warps: int, block: int) -> tuple[dict, int]:
+    """The tensor-core kron kernel's layout constexprs, and rows per tile."""
+    plan = _gluon_kron_tc.kron_tc_plan(log_p, num_warps, block)
+    return plan, plan["ROWS"]
+
+
+@functools.lru_cache(maxsize=32)
+def _kron_tc_operands(kron: _KronPlan, device: torch.device, dtype: torch.dtype) -> tuple:
+    """A and A' as the kernel's MMA B operands on the device (exact in fp16 and bf16)."""
+    forward, inverse = _gluon_kron_tc.kron_tc_matrices(kron.forward_matrix, kron.inverse_matrix)
+    return tuple(torch.tensor(m, dtype=dtype, device=device) for m in (forward, inverse))
+
+
+def _kron_tc_rotated(x: torch.Tensor, entry: _FormatEntry, kron: _KronPlan, block: int,
+                     failure_key: tuple) -> torch.Tensor | None:
+    """The kron kernel with A on the tensor cores (`_gluon_kron_tc.mx_kron_tc_rotated_kernel`)."""
+    num_warps, programs_per_sm, max_registers, stages = KRON_TC_SETTING
+    plan, rows_per_tile = _kron_tc_tile(kron.log_p, num_warps, block)
+    io = _compiled_io(x.dtype)
+
+    def constexprs(even: bool) -> dict:  # (the kernel masks every tile: `even` changes nothing)
+        return dict(plan, K=kron.k, STAGES=stages, IO=io, BLOCK=block, **entry.constexprs,
+                    OUT_IO=_out_io(x.dtype, entry))
+
+    return _gluon_rotated(
+        _gluon_kron_tc.mx_kron_tc_rotated_kernel, "kron", x, kron.k << kron.log_p, kron.scale, rows_per_tile,
+        entry, ("kron-tc", (kron, block, stages)), constexprs, (num_warps, programs_per_sm, max_registers),
+        failure_key, _kron_tc_operands(kron, x.device, x.dtype))
 
 
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
