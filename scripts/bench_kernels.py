@@ -112,9 +112,10 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
             record("rotated kernel", fmt_name, None, f"not covered ({rotation.description})")
         else:
             ref_rot = rotation.inverse(quantize_reference(rotation.forward(x), fmt))
-            ran_kron = kernels._gluon_compiled(fmt, "kron", n, x.dtype)
+            ran_tc = kernels._gluon_compiled(fmt, "kron-tc", n, x.dtype)
+            ran_kron = ran_tc or kernels._gluon_compiled(fmt, "kron", n, x.dtype)
             which = ("Gluon butterflies" if kernels._gluon_compiled(fmt, "walsh", n, x.dtype) else
-                     "Gluon kron" if ran_kron else "two-stage MMA")
+                     "Gluon kron, A on tensor cores" if ran_tc else "Gluon kron" if ran_kron else "two-stage MMA")
 
             def agreement(out, ref_rot=ref_rot):
                 diff = (out.float() - ref_rot.float()).abs()
@@ -126,6 +127,17 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
                    time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs, args.iters),
                    f"{rotation.description}; {which}; {agreement(rotated)}",
                    eager=time_op(lambda f=fmt: kernels.try_rotated_quantize(x, f, rotation), args.warmup, args.iters))
+            if ran_tc:  # the CUDA-core kron kernel it replaced, side by side
+                kernels.USE_KRON_TC_KERNEL = False
+                try:
+                    cuda_cores = kernels.try_rotated_quantize(x, fmt, rotation)
+                    record("rotated kernel (kron, CUDA cores)", fmt_name,
+                           time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs,
+                                       args.iters),
+                           f"{rotation.description}; Gluon kron; {agreement(cuda_cores)}")
+                    del cuda_cores
+                finally:
+                    kernels.USE_KRON_TC_KERNEL = True
             if ran_kron:  # the MMA kernel it replaced, side by side
                 kernels.USE_KRON_KERNEL = False
                 try:
