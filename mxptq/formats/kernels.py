@@ -19,8 +19,9 @@ of order K = 12 (8 <= P <= 1024), 20 (P <= 256) or 28-44 (P <= 64, `_build_kron_
 (H_12 kron H_128 = 1536, H_36 kron H_16 = 576) runs the Gluon kron kernel on CUDA: the
 butterflies on each of the K slices of a row (by warp shuffle where a slice lies in one warp),
 and A as add/subtract of slices in registers, columns in pairs or quads
-(`_gluon_mx.mx_kron_rotated_kernel`); like the MMA kernel it agrees with
-the reference to fp32 rounding, not bit for bit. Every other +-1 Kronecker rotation
+(`_gluon_mx.mx_kron_rotated_kernel`); where A has order 36 (576, 1152, 2304) and the rows are
+fp16 or bf16, A runs on the tensor cores instead (`_gluon_kron_tc`, `_kron_tc_applies`). Like
+the MMA kernel they agree with the reference to fp32 rounding, not bit for bit. Every other +-1 Kronecker rotation
 (R = s (A kron B)), and all of them in Triton's CPU interpreter, runs the MMA kernel, in two MMA stages per direction
 on the tensor cores: the +-1 Hadamard factors and 16-bit activations (and the quantized values)
 are exact MMA inputs, the fp32 intermediate between the stages is split into three bf16 pieces
@@ -38,11 +39,12 @@ loaded once and stored once, so the plain kernel runs at close to copy bandwidth
 fp16, 66-69 % at 4096 and 59-61 % at 8192; bf16 55-72 % (41-48 instructions per element, 2 log2 n
 = 22-26 of them butterfly adds; time followed the count, and at n = 2048 Nsight Compute saw 68 %
 of issue slots busy at 25 % occupancy: benchmarks/walsh_sass.md, benchmarks/h100/walsh_direct.md,
-benchmarks/h100/ncu_walsh.md); the kron kernel 52-53 % at 1536 and 39-41 % at 576 (fp16; bf16
-48-53 % and 36-38 %; before its quad mix and lane levels it was latency-bound, profiled
-uncapped on 4 warps: 3 programs per SM, benchmarks/h100/ncu_kron.md), where
-the MMA kernel, bound by shared-memory layout traffic between its MMA stages
-(benchmarks/h100/ncu_rotated.md), ran 25-26 % and 18-19 % (benchmarks/h100/bench_kernels.md).
+benchmarks/h100/ncu_walsh.md); the kron kernel 52-53 % at 1536 (bf16 49-53 %; before its quad
+mix and lane levels it was latency-bound, profiled uncapped on 4 warps: 3 programs per SM,
+benchmarks/h100/ncu_kron.md), the tensor-core kron kernel 47-49 % at 576 (bf16 42-48 %; the
+CUDA-core one 38-42 % and 36-38 %, benchmarks/h100/kron_tc_sweep.md), where the MMA kernel,
+bound by shared-memory layout traffic between its MMA stages (benchmarks/h100/ncu_rotated.md),
+ran 25-26 % and 18-19 % (benchmarks/h100/bench_kernels.md).
 """
 
 from __future__ import annotations
