@@ -110,7 +110,7 @@ def _p_butterflies(x, MT: gl.constexpr, NC: gl.constexpr, REG_H: gl.constexpr, L
 
 @gluon.jit
 def _quantize_tile(x, scale, MT: gl.constexpr, NC: gl.constexpr, QSPLIT: gl.constexpr, QORDER: gl.constexpr,
-                   QSHAPE: gl.constexpr, QBACK: gl.constexpr, BLOCK: gl.constexpr, IO: gl.constexpr,
+                   QSHAPE: gl.constexpr, QBACK: gl.constexpr, BLOCK: gl.constexpr, P: gl.constexpr, IO: gl.constexpr,
                    MODE: gl.constexpr, QMAX_LOG2: gl.constexpr, QMAX_SIGNIFICAND: gl.constexpr,
                    SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
                    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
@@ -120,9 +120,15 @@ def _quantize_tile(x, scale, MT: gl.constexpr, NC: gl.constexpr, QSPLIT: gl.cons
     regrouped as [blocks, BLOCK] (QSPLIT/QORDER, the block's index bits last), quantized by the
     Walsh kernel's exact MX math (`_triton_mx._fake_quantize_given_amax`), regrouped back."""
     x = _mx._round_through_io(x * scale, IO)
-    blocks = gl.reshape(_permute(gl.reshape(x, QSPLIT), QORDER), ((MT * NC) // BLOCK, BLOCK))
-    amax = gl.max(gl.abs(blocks), axis=1)
-    amax_bits = gl.expand_dims(amax.to(gl.int32, bitcast=True), 1)
+    # [blocks, groups, SUB]: a block of more than two slices reduces its pairs of slices first.
+    # Triton 3.6 lowered one reduction over lane bits 0 and 2 with shuffles over lanes xor 2 and
+    # xor 1 (wrong blocks on the H100; 3.9 shuffles xor 1 and 4); each of these two reductions
+    # covers one contiguous run of lane bits, and 3.6 compiles them to xor 4, then xor 1. (Not
+    # yet run on a GPU: `kernels._kron_tc_applies` keeps such blocks off this kernel for now.)
+    SUB: gl.constexpr = BLOCK if BLOCK <= 2 * P else 2 * P
+    blocks = gl.reshape(_permute(gl.reshape(x, QSPLIT), QORDER), ((MT * NC) // BLOCK, BLOCK // SUB, SUB))
+    amax = gl.max(gl.max(gl.abs(blocks), axis=2), axis=1)
+    amax_bits = gl.expand_dims(gl.expand_dims(amax.to(gl.int32, bitcast=True), 1), 2)
     q = _mx._fake_quantize_given_amax(blocks, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
                                       SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                       CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
@@ -233,11 +239,11 @@ def mx_kron_tc_rotated_kernel(
         c2 = mma_v2(a2, f22, mma_v2(a1, f12, gl.zeros((MT, 8), gl.float32, MMA)))
         c1 = _p_butterflies(c1, MT, 32, REG_H, LANE_ASM)
         c2 = _p_butterflies(c2, MT, 8, REG_H, LANE_ASM)
-        q1 = _quantize_tile(c1, scale, MT, 32, QSPLIT1, QORDER1, QSHAPE1, QBACK1, BLOCK, IO,
+        q1 = _quantize_tile(c1, scale, MT, 32, QSPLIT1, QORDER1, QSHAPE1, QBACK1, BLOCK, P, IO,
                             MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN, SHARED_MAX,
                             ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN,
                             ELEM_MAN_BITS, ELEM_MAX, OUT_IO)
-        q2 = _quantize_tile(c2, scale, MT, 8, QSPLIT2, QORDER2, QSHAPE2, QBACK2, BLOCK, IO,
+        q2 = _quantize_tile(c2, scale, MT, 8, QSPLIT2, QORDER2, QSHAPE2, QBACK2, BLOCK, P, IO,
                             MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN, SHARED_MAX,
                             ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN,
                             ELEM_MAN_BITS, ELEM_MAX, OUT_IO)

@@ -164,7 +164,7 @@ def test_dispatch_takes_order_36_in_16_bit_dtypes_with_blocks_of_up_to_two_slice
     applies = kernels._kron_tc_applies
     assert applies(torch.float16, k576, 32) and applies(torch.bfloat16, k576, 16) and applies(torch.float16, k576, 2)
     assert not applies(torch.float32, k576, 32)  # fp32 rows are not exact MMA inputs
-    assert not applies(torch.float16, k576, 64)  # four slices: wrong on the H100 (kernels._kron_tc_applies)
+    assert not applies(torch.float16, k576, 64)  # four slices: not yet run on a GPU since the fix
     assert not applies(torch.float16, k576, 128)  # a block over 8 slices would span both column chunks
     assert not applies(torch.float16, k1536, 32)  # H_12: the CUDA-core kron kernel
 
@@ -199,7 +199,8 @@ def test_tc_kernel_matches_the_reference(n, dtype, fmt, monkeypatch) -> None:
 @pytest.mark.parametrize("n,block_size", [(576, 16), (576, 8), (1152, 16), (1152, 64), (2304, 128)])
 def test_tc_kernel_blocks_within_and_across_slices(n, block_size) -> None:
     """Blocks inside a slice (lanes and registers of p) and over two slices (plus the
-    accumulator's column register bit)."""
+    accumulator's column register bit). Blocks of four slices (576 / 64, 1152 / 128) belong here
+    once `kernels._kron_tc_applies` lets them in."""
     fmt = Format(ELEMENT_FORMATS["e2m1"], block_size, ScaleRule.OCP)
     rotation = hadamard.get_rotation(n, block_size=32)
     x = sample_rows(40, n, torch.bfloat16, seed=block_size)
