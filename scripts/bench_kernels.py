@@ -127,28 +127,21 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
                    time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs, args.iters),
                    f"{rotation.description}; {which}; {agreement(rotated)}",
                    eager=time_op(lambda f=fmt: kernels.try_rotated_quantize(x, f, rotation), args.warmup, args.iters))
-            if ran_tc:  # the CUDA-core kron kernel it replaced, side by side
-                kernels.USE_KRON_TC_KERNEL = False
+            def beside(op: str, switch: str, kernel: str, fmt=fmt, fmt_name=fmt_name, agreement=agreement) -> None:
+                """The kernel that `switch` (a kernels.USE_* flag) turns off, timed side by side."""
+                setattr(kernels, switch, False)
                 try:
-                    cuda_cores = kernels.try_rotated_quantize(x, fmt, rotation)
-                    record("rotated kernel (kron, CUDA cores)", fmt_name,
-                           time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs,
-                                       args.iters),
-                           f"{rotation.description}; Gluon kron; {agreement(cuda_cores)}")
-                    del cuda_cores
+                    out = kernels.try_rotated_quantize(x, fmt, rotation)
+                    record(op, fmt_name,
+                           time_device(lambda t: kernels.try_rotated_quantize(t, fmt, rotation), inputs, args.iters),
+                           f"{rotation.description}; {kernel}; {agreement(out)}")
                 finally:
-                    kernels.USE_KRON_TC_KERNEL = True
-            if ran_kron:  # the MMA kernel it replaced, side by side
-                kernels.USE_KRON_KERNEL = False
-                try:
-                    mma = kernels.try_rotated_quantize(x, fmt, rotation)
-                    record("rotated kernel (MMA)", fmt_name,
-                           time_device(lambda t, f=fmt: kernels.try_rotated_quantize(t, f, rotation), inputs,
-                                       args.iters),
-                           f"{rotation.description}; two-stage MMA; {agreement(mma)}")
-                    del mma
-                finally:
-                    kernels.USE_KRON_KERNEL = True
+                    setattr(kernels, switch, True)
+
+            if ran_tc:  # the CUDA-core kron kernel it replaced
+                beside("rotated kernel (kron, CUDA cores)", "USE_KRON_TC_KERNEL", "Gluon kron")
+            if ran_kron:  # the MMA kernel both replaced
+                beside("rotated kernel (MMA)", "USE_KRON_KERNEL", "two-stage MMA")
             del ref_rot
         if not args.no_reference:
             record("torch reference", fmt_name, None, "eager time only",

@@ -125,7 +125,7 @@ def _quantize_tile(x, scale, MT: gl.constexpr, NC: gl.constexpr, QSPLIT: gl.cons
     # xor 1 (wrong blocks on the H100; 3.9 shuffles xor 1 and 4); each of these two reductions
     # covers one contiguous run of lane bits, and 3.6 compiles them to xor 4, then xor 1. (Not
     # yet run on a GPU: `kernels._kron_tc_applies` keeps such blocks off this kernel for now.)
-    SUB: gl.constexpr = BLOCK if BLOCK <= 2 * P else 2 * P
+    SUB: gl.constexpr = BLOCK if BLOCK <= 2 * P else 2 * P  # noqa: FURB136 - a kernel constexpr
     blocks = gl.reshape(_permute(gl.reshape(x, QSPLIT), QORDER), ((MT * NC) // BLOCK, BLOCK // SUB, SUB))
     amax = gl.max(gl.max(gl.abs(blocks), axis=2), axis=1)
     amax_bits = gl.expand_dims(gl.expand_dims(amax.to(gl.int32, bitcast=True), 1), 2)
