@@ -129,6 +129,7 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
                    eager=time_op(lambda f=fmt: kernels.try_rotated_quantize(x, f, rotation), args.warmup, args.iters))
             def beside(op: str, switch: str, kernel: str, fmt=fmt, fmt_name=fmt_name, agreement=agreement) -> None:
                 """The kernel that `switch` (a kernels.USE_* flag) turns off, timed side by side."""
+                was = getattr(kernels, switch)
                 setattr(kernels, switch, False)
                 try:
                     out = kernels.try_rotated_quantize(x, fmt, rotation)
@@ -136,7 +137,7 @@ def bench_shape(x: torch.Tensor, n: int, dtype_name: str, rotation, compiled: di
                            time_device(lambda t: kernels.try_rotated_quantize(t, fmt, rotation), inputs, args.iters),
                            f"{rotation.description}; {kernel}; {agreement(out)}")
                 finally:
-                    setattr(kernels, switch, True)
+                    setattr(kernels, switch, was)
 
             if ran_tc:  # the CUDA-core kron kernel it replaced
                 beside("rotated kernel (kron, CUDA cores)", "USE_KRON_TC_KERNEL", "Gluon kron")
@@ -189,9 +190,13 @@ KRON_SWEEP = ((4, 8, 96, 0, 1), (4, 8, 96, 0, 0), (4, 4, 96, 128, 1), (4, 8, 96,
               (4, 8, 48, 0, 1), (4, 8, 160, 0, 1))
 
 
+# The tensor-core kron kernel's sweep: (warps, programs per SM, register cap, ring stages).
+KRON_TC_SWEEP = ((2, 4, 0, 3), (2, 4, 0, 2), (2, 4, 0, 4), (2, 3, 0, 3), (4, 2, 0, 3), (1, 8, 0, 3))
+
+
 def _settings(text: str, length: int) -> tuple:
-    """--walsh-settings (4 integers each) / --kron-settings (5): '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0),
-    (8, 5, 4, 0))."""
+    """--walsh-settings and --kron-tc-settings (4 integers each) / --kron-settings (5):
+    '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0), (8, 5, 4, 0))."""
     settings = tuple(tuple(int(v) for v in item.split(",")) for item in text.split(":"))
     if any(len(setting) != length for setting in settings):
         raise argparse.ArgumentTypeError(f"{length} integers per setting, ':' between settings; got {text!r}")
@@ -226,12 +231,37 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
             _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
 
 
+def _sweep_kron_tc(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
+    """The tensor-core kron kernel's (warps, programs per SM, register cap, ring stages), where it
+    serves these rows."""
+    kron = kernels._build_kron_plan(rot)
+    if not kernels._kron_tc_applies(DTYPES[dtype_name], kron, fmt.block_size):
+        return
+    default = kernels.KRON_TC_SETTING
+    try:
+        for warps, per_sm, cap, stages in args.kron_tc_settings:
+            kernels.KRON_TC_SETTING = (warps, per_sm, cap, stages)
+            kernels.clear_caches()
+            label = f"kron-tc warps={warps} programs/SM={per_sm} registers<={cap or '-'} stages={stages}"
+            try:  # (a setting the plan cannot lay out would be timed on the CUDA-core kron kernel)
+                kernels._kron_tc_tile(kron.log_p, warps, fmt.block_size)
+            except ValueError:
+                print(f"| {n} | {dtype_name} | {fmt_name} | {label} | failed: no plan | |", flush=True)
+                continue
+            _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
+    finally:
+        kernels.KRON_TC_SETTING = default
+        kernels.clear_caches()
+
+
 def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
     """The Gluon kron kernel's (warps, programs per SM, values per thread over the K slices,
     register cap, lane levels): a cap of 0 is ptxas's choice; 128 / 96 / 80 registers let 4 / 5
-    / 6 programs of 4 warps share an SM; lane levels 1 runs H_P's lane bits by warp shuffle."""
+    / 6 programs of 4 warps share an SM; lane levels 1 runs H_P's lane bits by warp shuffle. The
+    tensor-core kron kernel is switched off meanwhile (it would serve 16-bit rows of order 36)."""
     key = (DTYPES[dtype_name], n)  # this size's own setting (kernels._kron_setting looks it up first)
     default_values = kernels.KRON_MAX_VALUES
+    kernels.USE_KRON_TC_KERNEL = False
     with _overwriting(kernels.KRON_CONFIGS, key):
         try:
             for warps, per_sm, values, cap, lanes in args.kron_settings:
@@ -243,6 +273,7 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
                 _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
         finally:  # (before _overwriting clears the caches: plans depend on it)
             kernels.KRON_MAX_VALUES = default_values
+            kernels.USE_KRON_TC_KERNEL = True
 
 
 def sweep(args) -> None:
@@ -271,6 +302,7 @@ def sweep(args) -> None:
                 if args.sweep_walsh_only:
                     continue
             elif kernels.HAVE_GLUON and kernels._build_kron_plan(rot) is not None:
+                _sweep_kron_tc(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
                 _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
                 if args.sweep_walsh_only:
                     continue
@@ -317,6 +349,9 @@ def main() -> int:
     ap.add_argument("--kron-settings", type=functools.partial(_settings, length=5), default=KRON_SWEEP,
                     help="with --sweep: the kron kernel's settings, warps,programs per SM,values per thread,"
                          "register cap (0: none),lane levels (0/1), ':' between settings")
+    ap.add_argument("--kron-tc-settings", type=functools.partial(_settings, length=4), default=KRON_TC_SWEEP,
+                    help="with --sweep: the tensor-core kron kernel's settings, warps,programs per SM,"
+                         "register cap (0: none),ring stages (>= 2), ':' between settings")
     ap.add_argument("--sweep-walsh-only", action="store_true", help="with --sweep: only the Gluon kernels (Walsh, kron)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

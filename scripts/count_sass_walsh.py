@@ -92,13 +92,12 @@ def compile_kron_tc_sm90(n: int, dtype: str = "fp16", fmt: str = "MXINT4", block
     if kron is None or not kernels._kron_tc_applies(DTYPES[dtype], kron, block):
         raise SystemExit(f"rows of {n} {dtype}: the tensor-core kron kernel does not take them")
     warps, _per_sm, max_registers, stages = kernels.KRON_TC_SETTING
-    plan, rows_per_tile = kernels._kron_tc_tile(kron.log_p, warps, block)
-    entry = kernels._format_entry(FORMATS[fmt])
-    constexprs = dict(plan, K=kron.k, STAGES=stages, IO=kernels._compiled_io(DTYPES[dtype]), BLOCK=block,
-                      **entry.constexprs, OUT_IO=kernels._out_io(DTYPES[dtype], entry))
+    plan = kernels._kron_tc_tile(kron.log_p, warps, block)
+    constexprs = kernels._kron_tc_constexprs(plan, DTYPES[dtype], block, kernels._format_entry(FORMATS[fmt]), kron,
+                                             stages)
     compiled, sass, usage = _compile(_gluon_kron_tc.mx_kron_tc_rotated_kernel, constexprs, dtype, warps,
                                      max_registers, ("forward_ptr", "inverse_ptr"))
-    return compiled, sass, usage, rows_per_tile * n // (32 * warps)
+    return compiled, sass, usage, plan["ROWS"] * n // (32 * warps)
 
 
 # Kron lengths the check also compiles: the demo model's 576 and 1536 (their timed settings), and

@@ -4,28 +4,32 @@ hidden size; also P = 32, 64), fp16 and bf16 activations (`mx_kron_tc_rotated_ke
 
 Why. `_gluon_mx.mx_kron_rotated_kernel` mixes the 36 slices of a row with adds in registers: 11
 adds per element per direction even in quads, 57 SASS instructions per element in all, which
-held 576 at 39-41 % of copy on the H100. Here A runs as an MMA (m16n8k16, fp32 accumulate) whose
-inputs are exact 16-bit values: the raw x forward, and Q's output, which the reference rounds to
-the activation dtype, for the inverse. The butterflies of H_P stay in fp32 on the CUDA cores.
+held 576 at 38-42 % of copy on the H100 (fp16; this kernel: 47-49 %, benchmarks/h100/). Here
+A runs as an MMA (m16n8k16, fp32 accumulate) whose inputs are exact 16-bit values: the raw x
+forward, and Q's output, which the reference rounds to the activation dtype, for the inverse.
+The butterflies of H_P stay in fp32 on the CUDA cores.
 
 The MMA's M index is a (row, p) pair and its K index the slice. Which bits of m mean which row or
 p bit is the plan's choice (`kron_tc_plan`): the fragment layout puts m bits 0-2 on lanes, bit 3
-in registers, then the warps, then registers again, so putting one p bit on lanes and the others
-in registers leaves one butterfly level per direction to a warp shuffle (`_gluon_mx._lane_butterfly`)
-and the rest to register adds, and a 32-element MX block (two slices of 16) needs one shuffle for
-its amax. The accumulator (m, j) is Q's input as it stands, and Q's output, rounded to 16 bits,
+in registers, then the warps, then registers again, so with P = 16 one p bit on lanes and the
+others in registers leave one butterfly level per direction to a warp shuffle
+(`_gluon_mx._lane_butterfly`) and the rest to register adds, and a 32-element MX block (two
+slices of 16) needs one shuffle for its amax (P = 32, 64: two and three p bits on lanes). The accumulator (m, j) is Q's input as it stands, and Q's output, rounded to 16 bits,
 is the inverse MMA's A operand without moving (the fragment layouts agree).
 
 K = 36 does not fill the MMA shapes: the K index runs in chunks 32 + 16 (slices 36-47 read as
 zeros) and the output index in chunks 32 + 8 (columns 36-39 of the matrices are zero, so their
 results are exactly 0: blocks of zeros, quantized to zeros; never stored). Q's 8-column chunk
 becomes the inverse's 16-deep operand by joining it with zeros, the k order permuted so that
-the join is a relabelling of registers (`kron_tc_matrices` orders the inverse matrix's rows to
-match).
+the join is a relabelling of registers (JOIN_ORDER; `kron_tc_matrices` orders the inverse
+matrix's rows to match). The padded slices 36-47 are read as zeros because a masked
+`cp.async` zero-fills.
 
-Memory. Each program loops over tiles of ROWS rows, STAGES tiles ahead: `cp.async` copies the
-next tiles into shared memory while the current one computes (without it, waits on global
-loads were the largest stall: Nsight Compute, 1.3 cycles per issued instruction). The compiler's
+Memory. Each program loops over tiles of ROWS rows through a ring of STAGES shared-memory
+buffers: `cp.async` copies the next STAGES - 1 tiles while the current one computes (without it,
+waits on global loads were the largest stall: Nsight Compute, 1.3 cycles per issued
+instruction). Each thread reads back only the 16-byte pieces it copied itself (the same copy
+layout both ways), so a stage needs no barrier between its copy and its read. The compiler's
 layout conversions move a tile from its coalesced copy layout to the MMA operand and back.
 
 Not bit-exact (the MMA's fp32 accumulation order is the hardware's): R x agrees with the
@@ -41,14 +45,23 @@ from mxptq.formats._gluon_mx import _lane_butterfly, lane_butterfly_asm
 
 # cp.async from global to shared memory: `async_load` from Triton 3.7 on (the old name raises
 # there), `async_copy_global_to_shared` before (the H100 tool's Triton 3.6).
-_async_load = getattr(async_copy, "async_load", async_copy.async_copy_global_to_shared)
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 TC_K = 36  # the order of A this kernel's chunking is written for
-K_CHUNKS = (32, 16)  # A's columns (the MMA's K index), slices 36-47 zero
-N_CHUNKS = (32, 8)  # A's rows (the output slices), 36-39 zero
-PADDED_K = sum(K_CHUNKS)
-PADDED_N = sum(N_CHUNKS)
+# A's columns (the MMA's K index: slices) in a chunk of 32 and one of 16 (slices 36-47 zero); its
+# rows (the output slices) in a chunk of 32 and one of 8 (36-39 zero). The B operands are
+# [PADDED_K, PADDED_N] matrices (`kron_tc_matrices`).
+K1, K2 = gl.constexpr(32), gl.constexpr(16)
+N1, N2 = gl.constexpr(32), gl.constexpr(8)
+PADDED_K = K1.value + K2.value
+PADDED_N = N1.value + N2.value
 _MATRIX_STRIDE = gl.constexpr(PADDED_N)
+# The inverse's second K chunk is Q's N2-column chunk joined with zeros (a new minor axis z):
+# thread (g, t) of the accumulator holds columns n = 2t + n0, so [MT, 8, 2] split as
+# [MT, t1, t0, n0, z] and put in JOIN_ORDER, (n0, t1, t0, z), is k = 8 n0 + 2t + z, the order in
+# which the MMA operand holds its registers: the join moves no data. `kron_tc_matrices` orders
+# the inverse matrix's rows to match.
+JOIN_ORDER = gl.constexpr((0, 3, 1, 2, 4))
 
 
 @gluon.jit
@@ -168,7 +181,7 @@ def _copy_tile(buf1, buf2, x_ptr, t, n_rows, offs1, row1, offs2, row2, slice2, R
     left = n_rows - t * ROWS
     base = x_ptr + t.to(gl.int64) * (ROWS * N)
     _async_load(buf1, base + offs1, mask=row1 < left)
-    _async_load(buf2, base + offs2, mask=(row2 < left) & (slice2 < K - 32))
+    _async_load(buf2, base + offs2, mask=(row2 < left) & (slice2 < K - K1))
     async_copy.commit_group()
 
 
@@ -192,33 +205,35 @@ def mx_kron_tc_rotated_kernel(
     """y = R^T Q(R x) for every row of a row-major [n_rows, K * P] fp16 or bf16 tensor, R = s
     (A kron H_P), s = `scale`: a row is K slices of P, X[k, p] = x[k * P + p], and R x is
     s * A X H_P (mxptq.nn.hadamard.Rotation, kind "kron"). forward_ptr and inverse_ptr hold
-    the [48, 40] MMA B operands of A and of the inverse's A' (`kron_tc_matrices`).
+    the [PADDED_K, PADDED_N] MMA B operands of A and of the inverse's A' (`kron_tc_matrices`).
 
     Per tile of ROWS rows: C = X^T-as-[m, k] @ B (two K chunks, two N chunks), H_P's butterflies
     along m, Q per block, Q's output as the next A operand, the same back, stores. The tile's
     [m, k] view is a regrouping of its [row, slice, p] copy (SPLITn/ORDERn); the output's
     [row, slice, p] view of [m, j] likewise (OUT_SPLITn/OUT_ORDERn)."""
     gl.static_assert(NONFINITE == 0, "the rotated kernel implements the block-NaN policy only")
-    gl.static_assert(K > 32 and K <= 36, "A's columns run in chunks of 32 and 16 (K = 36)")
+    gl.static_assert(K > K1 and K <= K1 + K2 and K <= N1 + N2, "A's columns run in chunks of 32 and 16 (K = 36)")
+    gl.static_assert(STAGES >= 2, "a ring of at least 2 stages: the copy of tile i + 1 overlaps tile i")
     N: gl.constexpr = K * P
     DT: gl.constexpr = x_ptr.dtype.element_ty
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    f11 = _load_matrix(forward_ptr, 0, 0, 32, 32, B_OP)
-    f12 = _load_matrix(forward_ptr, 0, 32, 32, 8, B_OP)
-    f21 = _load_matrix(forward_ptr, 32, 0, 16, 32, B_OP)
-    f22 = _load_matrix(forward_ptr, 32, 32, 16, 8, B_OP)
-    g11 = _load_matrix(inverse_ptr, 0, 0, 32, 32, B_OP)
-    g12 = _load_matrix(inverse_ptr, 0, 32, 32, 8, B_OP)
-    g21 = _load_matrix(inverse_ptr, 32, 0, 16, 32, B_OP)
-    g22 = _load_matrix(inverse_ptr, 32, 32, 16, 8, B_OP)
-    offs1, row1, _k1 = _tile_offsets(ROWS, 32, 0, P, N, COPY1)
-    offs2, row2, slice2 = _tile_offsets(ROWS, 16, 32, P, N, COPY2)
-    out2, out_row2, out_slice2 = _tile_offsets(ROWS, 8, 32, P, N, STORE2)
+    # f<k chunk><n chunk>: blocks of A's B operand (forward), g..: of A''s (inverse)
+    f11 = _load_matrix(forward_ptr, 0, 0, K1, N1, B_OP)
+    f12 = _load_matrix(forward_ptr, 0, N1, K1, N2, B_OP)
+    f21 = _load_matrix(forward_ptr, K1, 0, K2, N1, B_OP)
+    f22 = _load_matrix(forward_ptr, K1, N1, K2, N2, B_OP)
+    g11 = _load_matrix(inverse_ptr, 0, 0, K1, N1, B_OP)
+    g12 = _load_matrix(inverse_ptr, 0, N1, K1, N2, B_OP)
+    g21 = _load_matrix(inverse_ptr, K1, 0, K2, N1, B_OP)
+    g22 = _load_matrix(inverse_ptr, K1, N1, K2, N2, B_OP)
+    offs1, row1, _slice1 = _tile_offsets(ROWS, K1, 0, P, N, COPY1)
+    offs2, row2, slice2 = _tile_offsets(ROWS, K2, K1, P, N, COPY2)
+    out2, out_row2, out_slice2 = _tile_offsets(ROWS, N2, N1, P, N, STORE2)
 
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    ring1 = gl.allocate_shared_memory(DT, [STAGES, ROWS, 32, P], SMEM)
-    ring2 = gl.allocate_shared_memory(DT, [STAGES, ROWS, 16, P], SMEM)
+    ring1 = gl.allocate_shared_memory(DT, [STAGES, ROWS, K1, P], SMEM)
+    ring2 = gl.allocate_shared_memory(DT, [STAGES, ROWS, K2, P], SMEM)
     pid = gl.program_id(0)
     step = gl.num_programs(0)
     for s in gl.static_range(STAGES - 1):
@@ -226,50 +241,49 @@ def mx_kron_tc_rotated_kernel(
                    slice2, ROWS, K, N)
     for i in range(gl.cdiv(n_tiles - pid, step)):
         tile = pid + i * step
-        async_copy.wait_group(STAGES - 2)  # (this thread's copies of tile i; the layouts match)
+        async_copy.wait_group(STAGES - 2)  # (this thread's copies of tile i: it reads only those)
         raw1 = ring1.index(i % STAGES).load(COPY1)
         raw2 = ring2.index(i % STAGES).load(COPY2)
-        # The next copy reuses the stage read one iteration ago: every thread passed the barrier
-        # before this iteration's conversions since.
+        # The next copy goes to the stage read one iteration ago, by this same thread.
         _copy_tile(ring1.index((i + STAGES - 1) % STAGES), ring2.index((i + STAGES - 1) % STAGES), x_ptr,
                    tile + (STAGES - 1) * step, n_rows, offs1, row1, offs2, row2, slice2, ROWS, K, N)
-        a1 = gl.convert_layout(_regroup(raw1, SPLIT1, ORDER1, (MT, 32)), A_OP)
-        a2 = gl.convert_layout(_regroup(raw2, SPLIT2, ORDER2, (MT, 16)), A_OP)
-        c1 = mma_v2(a2, f21, mma_v2(a1, f11, gl.zeros((MT, 32), gl.float32, MMA)))
-        c2 = mma_v2(a2, f22, mma_v2(a1, f12, gl.zeros((MT, 8), gl.float32, MMA)))
-        c1 = _p_butterflies(c1, MT, 32, REG_H, LANE_ASM)
-        c2 = _p_butterflies(c2, MT, 8, REG_H, LANE_ASM)
-        q1 = _quantize_tile(c1, scale, MT, 32, QSPLIT1, QORDER1, QSHAPE1, QBACK1, BLOCK, P, IO,
+        a1 = gl.convert_layout(_regroup(raw1, SPLIT1, ORDER1, (MT, K1)), A_OP)
+        a2 = gl.convert_layout(_regroup(raw2, SPLIT2, ORDER2, (MT, K2)), A_OP)
+        c1 = mma_v2(a2, f21, mma_v2(a1, f11, gl.zeros((MT, N1), gl.float32, MMA)))
+        c2 = mma_v2(a2, f22, mma_v2(a1, f12, gl.zeros((MT, N2), gl.float32, MMA)))
+        c1 = _p_butterflies(c1, MT, N1, REG_H, LANE_ASM)
+        c2 = _p_butterflies(c2, MT, N2, REG_H, LANE_ASM)
+        q1 = _quantize_tile(c1, scale, MT, N1, QSPLIT1, QORDER1, QSHAPE1, QBACK1, BLOCK, P, IO,
                             MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN, SHARED_MAX,
                             ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN,
                             ELEM_MAN_BITS, ELEM_MAX, OUT_IO)
-        q2 = _quantize_tile(c2, scale, MT, 8, QSPLIT2, QORDER2, QSHAPE2, QBACK2, BLOCK, P, IO,
+        q2 = _quantize_tile(c2, scale, MT, N2, QSPLIT2, QORDER2, QSHAPE2, QBACK2, BLOCK, P, IO,
                             MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN, SHARED_MAX,
                             ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN,
                             ELEM_MAN_BITS, ELEM_MAX, OUT_IO)
         # Q's values are values of the activation dtype, exact as 16-bit MMA inputs.
         q1 = gl.convert_layout(q1.to(DT), A_OP)  # (the accumulator's own fragment layout)
-        # q2's thread (g, t) holds columns n = 2t + n0; joined with zeros z it becomes a 16-deep
-        # operand, columns ordered k = 8 n0 + 2t + z (the operand's own order of its registers).
-        q2 = gl.join(q2.to(DT), gl.zeros_like(q2.to(DT)))  # [MT, 8, 2]: (n, z)
-        q2 = gl.convert_layout(gl.reshape(gl.permute(gl.reshape(q2, (MT, 2, 2, 2, 2)), (0, 3, 1, 2, 4)), (MT, 16)), A_OP)
-        y1 = mma_v2(q2, g21, mma_v2(q1, g11, gl.zeros((MT, 32), gl.float32, MMA)))
-        y2 = mma_v2(q2, g22, mma_v2(q1, g12, gl.zeros((MT, 8), gl.float32, MMA)))
-        y1 = (_p_butterflies(y1, MT, 32, REG_H, LANE_ASM) * scale).to(DT)
-        y2 = (_p_butterflies(y2, MT, 8, REG_H, LANE_ASM) * scale).to(DT)
+        # q2 joined with zeros into a K2-deep operand (JOIN_ORDER: no data moves)
+        q2 = gl.join(q2.to(DT), gl.zeros_like(q2.to(DT)))  # [MT, N2, 2]: (n, z)
+        q2 = gl.convert_layout(_regroup(q2, (MT, 2, 2, 2, 2), JOIN_ORDER, (MT, K2)), A_OP)
+        y1 = mma_v2(q2, g21, mma_v2(q1, g11, gl.zeros((MT, N1), gl.float32, MMA)))
+        y2 = mma_v2(q2, g22, mma_v2(q1, g12, gl.zeros((MT, N2), gl.float32, MMA)))
+        y1 = (_p_butterflies(y1, MT, N1, REG_H, LANE_ASM) * scale).to(DT)
+        y2 = (_p_butterflies(y2, MT, N2, REG_H, LANE_ASM) * scale).to(DT)
         left = n_rows - tile * ROWS
         base = tile.to(gl.int64) * (ROWS * N)
-        o1 = gl.convert_layout(_regroup(y1, OUT_SPLIT1, OUT_ORDER1, (ROWS, 32, P)), COPY1)
+        o1 = gl.convert_layout(_regroup(y1, OUT_SPLIT1, OUT_ORDER1, (ROWS, N1, P)), COPY1)
         gl.store(y_ptr + base + offs1, o1, mask=row1 < left)
-        o2 = gl.convert_layout(_regroup(y2, OUT_SPLIT2, OUT_ORDER2, (ROWS, 8, P)), STORE2)
-        gl.store(y_ptr + base + out2, o2, mask=(out_row2 < left) & (out_slice2 < K - 32))
+        o2 = gl.convert_layout(_regroup(y2, OUT_SPLIT2, OUT_ORDER2, (ROWS, N2, P)), STORE2)
+        gl.store(y_ptr + base + out2, o2, mask=(out_row2 < left) & (out_slice2 < K - N1))
     async_copy.wait_group(0)  # (the last prefetches, all masked off, before the program exits)
 
 
 def kron_tc_plan(log_p: int, num_warps: int, block: int) -> dict:
     """The layout constexprs of `mx_kron_tc_rotated_kernel` for slices of P = 2^log_p (4 <= log_p
-    <= 6), num_warps warps and MX blocks of `block` consecutive row elements (block <= 4 P, so
-    that a block lies in one of the output's column chunks), and the rows per tile.
+    <= 6), num_warps warps and MX blocks of `block` consecutive row elements (a power of two up
+    to four slices, 4 P: a block of the 36 slices covers whole slices, so it must divide 36), and
+    the rows per tile (ROWS).
 
     The m index of the MMA tile: bits 0-2 are lane bits of the fragment layout, bit 3 a register
     bit, the next log2(num_warps) bits warp bits, the rest register bits. p bits go to m bits 0..
@@ -320,12 +334,12 @@ def kron_tc_plan(log_p: int, num_warps: int, block: int) -> dict:
               "COPY1": _copy_layout(1 << row_bits, 32, p, num_warps),
               "COPY2": _copy_layout(1 << row_bits, 16, p, num_warps),
               "STORE2": _copy_layout(1 << row_bits, 8, p, num_warps)}
-    consts["SPLIT1"], consts["ORDER1"] = to_mk(32)
-    consts["SPLIT2"], consts["ORDER2"] = to_mk(16)
-    consts["OUT_SPLIT1"], consts["OUT_ORDER1"] = to_rows(32)
-    consts["OUT_SPLIT2"], consts["OUT_ORDER2"] = to_rows(8)
-    consts["QSPLIT1"], consts["QORDER1"], consts["QSHAPE1"], consts["QBACK1"] = blocks(32)
-    consts["QSPLIT2"], consts["QORDER2"], consts["QSHAPE2"], consts["QBACK2"] = blocks(8)
+    consts["SPLIT1"], consts["ORDER1"] = to_mk(K1.value)
+    consts["SPLIT2"], consts["ORDER2"] = to_mk(K2.value)
+    consts["OUT_SPLIT1"], consts["OUT_ORDER1"] = to_rows(N1.value)
+    consts["OUT_SPLIT2"], consts["OUT_ORDER2"] = to_rows(N2.value)
+    consts["QSPLIT1"], consts["QORDER1"], consts["QSHAPE1"], consts["QBACK1"] = blocks(N1.value)
+    consts["QSPLIT2"], consts["QORDER2"], consts["QSHAPE2"], consts["QBACK2"] = blocks(N2.value)
     return consts
 
 
@@ -338,26 +352,35 @@ def _copy_layout(rows: int, slices: int, p: int, num_warps: int):
 
 
 def kron_tc_matrices(forward, inverse) -> tuple[list, list]:
-    """The kernel's [48, 40] MMA B operands (nested lists) for R = s (A kron H_P) and R^-1 = s
-    (A' kron H_P), A and A' +-1 matrices of order K (33..36): forward[k][j] = A[j][k], zero
-    outside; inverse[k][i] = A'[i][j(k)] with rows 0-31 for j = k and rows 32-47 in the order
-    of the joined 8-column chunk (k - 32 = 8 n0 + 2 t + z holds j = 32 + 2 t + n0 when z = 0,
-    zeros when z = 1 or j >= K)."""
+    """The kernel's [PADDED_K, PADDED_N] MMA B operands (nested lists) for R = s (A kron H_P) and
+    R^-1 = s (A' kron H_P), A and A' +-1 matrices of order K (33..36): forward[k][j] = A[j][k],
+    zero outside; inverse[k][i] = A'[i][j] where row k of the inverse's operand meets output
+    column j of the forward: j = k in the first chunk, and in the second the column that
+    JOIN_ORDER puts at position k - K1 of the joined chunk (zeros where it is a joined zero or
+    j >= K)."""
+    k1, n1, n2 = K1.value, N1.value, N2.value
     k_order = len(forward)
-    if not 32 < k_order <= TC_K or len(inverse) != k_order:
-        raise ValueError(f"kron_tc_matrices: A of order 33..36, got {k_order}")
+    if not k1 < k_order <= TC_K or len(inverse) != k_order:
+        raise ValueError(f"kron_tc_matrices: A of order {k1 + 1}..{TC_K}, got {k_order}")
     fwd = [[0] * PADDED_N for _ in range(PADDED_K)]
     inv = [[0] * PADDED_N for _ in range(PADDED_K)]
     for k in range(k_order):
         for j in range(k_order):
             fwd[k][j] = forward[j][k]
-    for k in range(PADDED_K):
-        if k < 32:
-            j = k
-        else:
-            n0, t, z = (k - 32) >> 3, ((k - 32) >> 1) & 3, (k - 32) & 1
-            j = 32 + 2 * t + n0 if z == 0 else k_order
-        if j < k_order:
+    # The joined chunk [N2, 2] (column n, zero flag z) as the kernel regroups it: its 4 index
+    # bits (t1, t0, n0, z), n = 4 t1 + 2 t0 + n0, permuted by JOIN_ORDER (axis 0 is the tile's m).
+    bit_order = [axis - 1 for axis in JOIN_ORDER.value[1:]]
+    joined = []
+    for position in range(2 * n2):
+        bits = [(position >> (3 - i)) & 1 for i in range(4)]  # position's bits, highest first
+        source = [0] * 4
+        for i, axis in enumerate(bit_order):
+            source[axis] = bits[i]
+        t1, t0, n0, z = source
+        joined.append(None if z else n1 + 4 * t1 + 2 * t0 + n0)
+    rows = list(range(k1)) + joined
+    for k, j in enumerate(rows):
+        if j is not None and j < k_order:
             for i in range(k_order):
                 inv[k][i] = inverse[i][j]
     return fwd, inv

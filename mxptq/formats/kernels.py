@@ -19,8 +19,9 @@ of order K = 12 (8 <= P <= 1024), 20 (P <= 256) or 28-44 (P <= 64, `_build_kron_
 (H_12 kron H_128 = 1536, H_36 kron H_16 = 576) runs the Gluon kron kernel on CUDA: the
 butterflies on each of the K slices of a row (by warp shuffle where a slice lies in one warp),
 and A as add/subtract of slices in registers, columns in pairs or quads
-(`_gluon_mx.mx_kron_rotated_kernel`); where A has order 36 (576, 1152, 2304) and the rows are
-fp16 or bf16, A runs on the tensor cores instead (`_gluon_kron_tc`, `_kron_tc_applies`). Like
+(`_gluon_mx.mx_kron_rotated_kernel`); where A has order 36 (576, 1152, 2304), the rows are
+fp16 or bf16 and an MX block spans at most two slices, A runs on the tensor cores instead
+(`_gluon_kron_tc`, `_kron_tc_applies`; sm_80 and later). Like
 the MMA kernel they agree with the reference to fp32 rounding, not bit for bit. Every other +-1 Kronecker rotation
 (R = s (A kron B)), and all of them in Triton's CPU interpreter, runs the MMA kernel, in two MMA stages per direction
 on the tensor cores: the +-1 Hadamard factors and 16-bit activations (and the quantized values)
@@ -703,7 +704,7 @@ def clear_caches() -> None:
     _walsh_plan.cache_clear()
     _kron_tile.cache_clear()
     _kron_tc_tile.cache_clear()
-    _kron_tc_operands.cache_clear()
+    _KRON_TC_OPERANDS.clear()
     _PLAN_ENTRIES.clear()
     _FORMAT_ENTRIES.clear()
 
@@ -763,9 +764,10 @@ KRON_QUAD_MIN_K = 20
 USE_KRON_KERNEL = True
 # The kron kernel with A on the tensor cores (`_gluon_kron_tc`), for A of order 36 (576 =
 # H_36 kron H_16; 1152, 2304) in fp16 and bf16: (num_warps, persistent programs per SM, register
-# cap, tiles in flight). Swept on an H100 (benchmarks/h100/kron_tc_sweep.md): 2 warps (8 rows
-# per tile at 576), 4 programs per SM, 3 tiles in flight ran 22.5 us against the CUDA-core kron
-# kernel's 28.3 (fp16 MXINT4).
+# cap, ring stages: tiles copied ahead + 1, at least 2). Chosen on an H100 with the kernel's
+# prototype (benchmarks/h100/kron_tc_sweep.md): 2 warps (8 rows per tile at 576), 4 programs per
+# SM, 3 stages. The kernel as committed: 24.1 us against the CUDA-core kron kernel's 28.5 (fp16
+# MXINT4, benchmarks/h100/bench_kernels.md).
 KRON_TC_SETTING = (2, 4, 0, 3)
 USE_KRON_TC_KERNEL = True
 # (device, row length, dtype) -> the error of a Gluon kernel that failed to compile or launch
@@ -842,7 +844,7 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     n = rotation.n
     if block & (block - 1) or block > n or not x.is_cuda or entry.spec.nonfinite != 0:
         return None
-    failure_key = (x.device, n, x.dtype)
+    failure_key = _failure_key("walsh", x.device, n, x.dtype)
     if failure_key in GLUON_FAILURES:
         return None
     log_n = n.bit_length() - 1
@@ -863,7 +865,8 @@ def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, row
     rows_per_tile rows. The compiled variant is cached in the format's entry under the key
     (kernel name, n, dtype, device, plan, setting, whether the rows fill whole tiles), where
     variant = (kernel name, what identifies its plan: the Walsh register bits; the kron plan and
-    lane levels); constexprs(even) builds its constants on first use; `operands` follow scale
+    lane levels; for "kron-tc" the kron plan, block size and ring stages); constexprs(even)
+    builds its constants on first use; `operands` follow scale
     in the kernel's arguments. None where the launch failed (`_launch_gluon`)."""
     num_warps, programs_per_sm, max_registers = setting
     x = x.contiguous()
@@ -880,17 +883,27 @@ def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, row
     return y if _launch_gluon(config, grid, (x, y, n_rows, n_tiles, scale, *operands), failure_key, what) else None
 
 
+def _failure_key(kernel: str, device: torch.device, n: int, dtype: torch.dtype) -> tuple:
+    """The GLUON_FAILURES key of a Gluon kernel ("walsh", "kron" or "kron-tc") on rows of n:
+    (device, n, dtype), and the tensor-core kron kernel's own, so that its failure leaves the
+    CUDA-core kron kernel in service."""
+    return (device, n, dtype, "kron-tc") if kernel == "kron-tc" else (device, n, dtype)
+
+
 def _gluon_compiled(fmt, kernel: str, n: int, dtype: torch.dtype) -> bool:
-    """Whether the Gluon kernel `kernel` ("walsh" or "kron") has a variant for this format, rows
-    of n and dtype (`_gluon_rotated`'s cache keys) that did not fail (GLUON_FAILURES: the MMA
-    kernel served those): tests and the benchmark ask which kernel served a call."""
-    return any(key[:3] == (kernel, n, dtype) and (key[3], n, dtype) not in GLUON_FAILURES
+    """Whether the Gluon kernel `kernel` ("walsh", "kron" or "kron-tc") has a variant for this
+    format, rows of n and dtype (`_gluon_rotated`'s cache keys) that did not fail
+    (GLUON_FAILURES: a fallback served those): tests and the benchmark ask which kernel served a
+    call."""
+    return any(key[:3] == (kernel, n, dtype) and _failure_key(kernel, key[3], n, dtype) not in GLUON_FAILURES
                for key in _format_entry(fmt).configs)
 
 
 def _launch_gluon(config: _LaunchConfig, grid: tuple, args: tuple, failure_key: tuple, what: str) -> bool:
     """Launch a Gluon kernel; on an error (a Triton whose experimental Gluon API differs) record
-    it in GLUON_FAILURES, warn once and return False, so that the MMA kernel serves the call."""
+    it in GLUON_FAILURES, warn once and return False, so that a fallback serves the call: the
+    CUDA-core kron kernel after the tensor-core one (`what` "tensor-core kron"), else the MMA
+    kernel."""
     x = args[0]
     try:
         with _on_device(x):
@@ -900,8 +913,9 @@ def _launch_gluon(config: _LaunchConfig, grid: tuple, args: tuple, failure_key: 
             raise
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         GLUON_FAILURES[failure_key] = message
+        fallback = "the CUDA-core kron kernel" if what == "tensor-core kron" else "the MMA kernel"
         warnings.warn(f"mxptq: the Gluon {what} kernel failed for rows of {failure_key[1]} {x.dtype} on {x.device} "
-                      f"({message}); the MMA kernel serves them (within fp32 rounding, not bit-exact)",
+                      f"({message}); {fallback} serves them (within fp32 rounding, not bit-exact)",
                       RuntimeWarning, stacklevel=4)
         return False
     return True
@@ -943,11 +957,13 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
     if block & (block - 1) or (block > p and kron.k % (block // p)) or not x.is_cuda or entry.spec.nonfinite != 0:
         return None
     n = kron.k * p
-    failure_key = (x.device, n, x.dtype)
+    if USE_KRON_TC_KERNEL and _kron_tc_applies(x.dtype, kron, block):
+        y = _kron_tc_rotated(x, entry, kron, block)
+        if y is not None:
+            return y
+    failure_key = _failure_key("kron", x.device, n, x.dtype)
     if failure_key in GLUON_FAILURES:
         return None
-    if USE_KRON_TC_KERNEL and _kron_tc_applies(x.dtype, kron, block):
-        return _kron_tc_rotated(x, entry, kron, block, failure_key)
     num_warps, programs_per_sm, max_registers, lane_levels = _kron_setting(x.dtype, n)
     try:
         plan, rows_per_tile = _kron_tile(kron.log_p, num_warps, kron.register_bits, bool(lane_levels))
@@ -971,41 +987,64 @@ def _kron_tc_applies(dtype: torch.dtype, kron: _KronPlan, block: int) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _kron_tc_tile(log_p: int, num_warps: int, block: int) -> tuple[dict, int]:
-    """The tensor-core kron kernel's layout constexprs, and rows per tile."""
-    plan = _gluon_kron_tc.kron_tc_plan(log_p, num_warps, block)
-    return plan, plan["ROWS"]
+def _kron_tc_tile(log_p: int, num_warps: int, block: int) -> dict:
+    """The tensor-core kron kernel's layout constexprs (its rows per tile: ROWS)."""
+    return _gluon_kron_tc.kron_tc_plan(log_p, num_warps, block)
 
 
-@functools.lru_cache(maxsize=32)
-def _kron_tc_operands(kron: _KronPlan, device: torch.device, dtype: torch.dtype) -> tuple:
-    """A and A' as the kernel's MMA B operands on the device (exact in fp16 and bf16)."""
-    forward, inverse = _gluon_kron_tc.kron_tc_matrices(kron.forward_matrix, kron.inverse_matrix)
-    return tuple(torch.tensor(m, dtype=dtype, device=device) for m in (forward, inverse))
+def _kron_tc_constexprs(plan: dict, dtype: torch.dtype, block: int, entry: _FormatEntry, kron: _KronPlan,
+                        stages: int) -> dict:
+    """Every constexpr of `_gluon_kron_tc.mx_kron_tc_rotated_kernel` (compiled GPU code only;
+    it masks every tile, so whole and ragged tiles share one variant)."""
+    return dict(plan, K=kron.k, STAGES=stages, IO=_compiled_io(dtype), BLOCK=block, **entry.constexprs,
+                OUT_IO=_out_io(dtype, entry))
 
 
-def _kron_tc_rotated(x: torch.Tensor, entry: _FormatEntry, kron: _KronPlan, block: int,
-                     failure_key: tuple) -> torch.Tensor | None:
-    """The kron kernel with A on the tensor cores (`_gluon_kron_tc.mx_kron_tc_rotated_kernel`)."""
+# (A kron plan, device, dtype) -> A and A' as the tensor-core kron kernel's MMA B operands there.
+_KRON_TC_OPERANDS: dict[tuple, tuple] = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _has_ampere_mma(device: torch.device) -> bool:
+    """sm_80 or later: mma.sync m16n8k16 on bf16 and cp.async, which the kernel needs."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _kron_tc_rotated(x: torch.Tensor, entry: _FormatEntry, kron: _KronPlan, block: int) -> torch.Tensor | None:
+    """The kron kernel with A on the tensor cores (`_gluon_kron_tc.mx_kron_tc_rotated_kernel`),
+    or None (then the CUDA-core kron kernel serves): a GPU before sm_80, a setting the plan
+    cannot lay out, an earlier failure, or a first call during CUDA-graph capture (its matrices
+    are copied to the GPU on first use, which capture does not allow)."""
+    n = kron.k << kron.log_p
+    failure_key = _failure_key("kron-tc", x.device, n, x.dtype)
+    if failure_key in GLUON_FAILURES or not _has_ampere_mma(x.device):
+        return None
     num_warps, programs_per_sm, max_registers, stages = KRON_TC_SETTING
-    plan, rows_per_tile = _kron_tc_tile(kron.log_p, num_warps, block)
-    io = _compiled_io(x.dtype)
-
-    def constexprs(even: bool) -> dict:  # (the kernel masks every tile: `even` changes nothing)
-        return dict(plan, K=kron.k, STAGES=stages, IO=io, BLOCK=block, **entry.constexprs,
-                    OUT_IO=_out_io(x.dtype, entry))
-
+    if stages < 2:  # (a hand-edited setting: the ring needs a stage to copy into while one computes)
+        raise ValueError(f"KRON_TC_SETTING {KRON_TC_SETTING}: tiles in flight must be at least 2")
+    try:
+        plan = _kron_tc_tile(kron.log_p, num_warps, block)
+    except ValueError:  # a setting the plan cannot lay out (e.g. warps not a power of two)
+        return None
+    operands = _KRON_TC_OPERANDS.get((kron, x.device, x.dtype))
+    if operands is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        forward, inverse = _gluon_kron_tc.kron_tc_matrices(kron.forward_matrix, kron.inverse_matrix)
+        operands = _KRON_TC_OPERANDS[(kron, x.device, x.dtype)] = tuple(
+            torch.tensor(m, dtype=x.dtype, device=x.device) for m in (forward, inverse))
     return _gluon_rotated(
-        _gluon_kron_tc.mx_kron_tc_rotated_kernel, "kron", x, kron.k << kron.log_p, kron.scale, rows_per_tile,
-        entry, ("kron-tc", (kron, block, stages)), constexprs, (num_warps, programs_per_sm, max_registers),
-        failure_key, _kron_tc_operands(kron, x.device, x.dtype))
+        _gluon_kron_tc.mx_kron_tc_rotated_kernel, "tensor-core kron", x, n, kron.scale, plan["ROWS"], entry,
+        ("kron-tc", (kron, block, stages)), lambda even: _kron_tc_constexprs(plan, x.dtype, block, entry, kron, stages),
+        (num_warps, programs_per_sm, max_registers), failure_key, operands)
 
 
 def rotated_fake_quantize(x: torch.Tensor, fmt, rotation) -> torch.Tensor | None:
     """R^-1 Q(R x) along the last axis in one fused kernel, or None if not covered.
     Does not check kernels_enabled(). Walsh rotations on CUDA run the Gluon butterfly kernel
-    (bit-exact), s (A kron H_P) rotations the Gluon kron kernel (`_build_kron_plan`); every
-    other +-1 Kronecker rotation, and every rotation off CUDA, the two-stage MMA kernel."""
+    (bit-exact), s (A kron H_P) rotations the Gluon kron kernel (`_build_kron_plan`), with A
+    on the tensor cores where `_kron_tc_applies`; every other +-1 Kronecker rotation, and every
+    rotation off CUDA, the two-stage MMA kernel."""
     if not HAVE_TRITON or x.dtype not in _IO_CODES or x.dim() == 0:
         return None
     numel = x.numel()

@@ -204,6 +204,13 @@ def test_dispatch_sends_kron_rotations_to_the_kron_kernel_on_cuda_only(monkeypat
         kernels.clear_caches()
 
 
+@pytest.fixture(autouse=True)
+def _cuda_core_kron_kernel(monkeypatch) -> None:
+    """This file tests the CUDA-core kron kernel: the tensor-core one, which would take 16-bit
+    rows of order 36 (576, 1152, 2304), is switched off (test_kron_tc_kernel.py tests it)."""
+    monkeypatch.setattr(kernels, "USE_KRON_TC_KERNEL", False)
+
+
 @pytest.fixture
 def kron_launches(monkeypatch) -> list:
     """(row length, dtype) of every kron kernel launch that succeeded during the test (a failed

@@ -169,8 +169,9 @@ def test_gluon_kernels_compile_for_sm90_with_only_the_plans_layout_conversions()
             # 48 with 3.9); the same cap at 1152 spilled 336
             assert case["stack_bytes"] <= 128, f"spills: {case}"
     for case in kron_tc:  # uncapped at ptxas's 255 registers: a few spills (576 bf16: 48 bytes with Triton 3.9,
-        # none with 3.6); its shared memory lets 4 programs share an SM (228 KiB on an H100)
-        assert case["stack_bytes"] <= 64 and 4 * case["shared_memory_bytes"] <= 227 * 1024, f"spills: {case}"
+        # none with 3.6); its shared memory lets 4 programs share an SM (228 KiB on an H100, 1 KiB
+        # of it reserved per block)
+        assert case["stack_bytes"] <= 64 and 4 * (case["shared_memory_bytes"] + 1024) <= 228 * 1024, case
 
 
 def _ran_walsh(fmt: Format, n: int, dtype: torch.dtype) -> bool:
