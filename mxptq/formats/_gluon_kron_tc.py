@@ -41,7 +41,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from mxptq.formats import _triton_mx as _mx
-from mxptq.formats._gluon_mx import _lane_butterfly, lane_butterfly_asm
+from mxptq.formats._gluon_mx import LANE_BITS, _lane_butterfly, lane_butterfly_asm
 
 # cp.async from global to shared memory: `async_load` from Triton 3.7 on (the old name raises
 # there), `async_copy_global_to_shared` before (the H100 tool's Triton 3.6).
@@ -343,12 +343,17 @@ def kron_tc_plan(log_p: int, num_warps: int, block: int) -> dict:
     return consts
 
 
+_VECTOR = 8  # consecutive 16-bit elements per thread in a copy: 16 bytes, one cp.async / LDG.128
+_WARP = 1 << LANE_BITS
+
+
 def _copy_layout(rows: int, slices: int, p: int, num_warps: int):
-    """A coalesced layout of a [rows, slices, p] tile: 8 consecutive elements per thread (16
-    bytes), lanes over p, then slices, then rows; warps over rows."""
-    lanes_p = p // 8
-    lanes_k = min(slices, 32 // lanes_p)
-    return gl.BlockedLayout([1, 1, 8], [32 // (lanes_p * lanes_k), lanes_k, lanes_p], [num_warps, 1, 1], [2, 1, 0])
+    """A coalesced layout of a [rows, slices, p] tile: _VECTOR consecutive elements per thread,
+    lanes over p, then slices, then rows; warps over rows."""
+    lanes_p = p // _VECTOR
+    lanes_k = min(slices, _WARP // lanes_p)
+    return gl.BlockedLayout([1, 1, _VECTOR], [_WARP // (lanes_p * lanes_k), lanes_k, lanes_p], [num_warps, 1, 1],
+                            [2, 1, 0])
 
 
 def kron_tc_matrices(forward, inverse) -> tuple[list, list]:
