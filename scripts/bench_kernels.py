@@ -261,6 +261,7 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
     tensor-core kron kernel is switched off meanwhile (it would serve 16-bit rows of order 36)."""
     key = (DTYPES[dtype_name], n)  # this size's own setting (kernels._kron_setting looks it up first)
     default_values = kernels.KRON_MAX_VALUES
+    tensor_cores = kernels.USE_KRON_TC_KERNEL
     kernels.USE_KRON_TC_KERNEL = False
     with _overwriting(kernels.KRON_CONFIGS, key):
         try:
@@ -273,7 +274,7 @@ def _sweep_kron(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None
                 _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
         finally:  # (before _overwriting clears the caches: plans depend on it)
             kernels.KRON_MAX_VALUES = default_values
-            kernels.USE_KRON_TC_KERNEL = True
+            kernels.USE_KRON_TC_KERNEL = tensor_cores
 
 
 def sweep(args) -> None:
