@@ -978,12 +978,11 @@ def _kron_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, kron: _KronPlan) ->
 def _kron_tc_applies(dtype: torch.dtype, kron: _KronPlan, block: int) -> bool:
     """Whether the tensor-core kron kernel takes these rows: A of order 36, slices of 16-64,
     16-bit activations (the MMA's exact inputs; fp32 rows keep the CUDA-core kron kernel) and
-    blocks of at most two slices. The plan lays out blocks of four too, but on the H100 they
-    came out wrong (Triton 3.6 reduced their amax with the wrong shuffles,
-    benchmarks/h100/kron_tc_sweep.md); the kernel's two-step amax compiles to the right ones,
-    not yet run on a GPU: until then those rows keep the CUDA-core kron kernel."""
+    blocks of at most four slices. (Blocks of four came out wrong on the H100 while Triton 3.6
+    reduced their amax in one step, with the wrong shuffles, benchmarks/h100/kron_tc_sweep.md;
+    the kernel's two-step amax gives the right ones.)"""
     return (HAVE_KRON_TC and kron.k == _gluon_kron_tc.TC_K and 4 <= kron.log_p <= 6
-            and dtype in (torch.float16, torch.bfloat16) and 2 <= block <= 2 << kron.log_p)
+            and dtype in (torch.float16, torch.bfloat16) and 2 <= block <= 4 << kron.log_p)
 
 
 @functools.lru_cache(maxsize=32)

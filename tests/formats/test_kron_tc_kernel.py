@@ -158,13 +158,13 @@ def test_plan_and_matrices_reject_what_the_kernel_cannot_hold() -> None:
         tc.kron_tc_matrices([[1] * 12] * 12, [[1] * 12] * 12)
 
 
-def test_dispatch_takes_order_36_in_16_bit_dtypes_with_blocks_of_up_to_two_slices() -> None:
+def test_dispatch_takes_order_36_in_16_bit_dtypes_with_blocks_of_up_to_four_slices() -> None:
     k576 = kernels._build_kron_plan(hadamard.get_rotation(576, block_size=32))
     k1536 = kernels._build_kron_plan(hadamard.get_rotation(1536, block_size=32))
     applies = kernels._kron_tc_applies
     assert applies(torch.float16, k576, 32) and applies(torch.bfloat16, k576, 16) and applies(torch.float16, k576, 2)
     assert not applies(torch.float32, k576, 32)  # fp32 rows are not exact MMA inputs
-    assert not applies(torch.float16, k576, 64)  # four slices: not yet run on a GPU since the fix
+    assert applies(torch.float16, k576, 64) and applies(torch.bfloat16, k576, 64)  # four slices (two-step amax)
     assert not applies(torch.float16, k576, 128)  # a block over 8 slices would span both column chunks
     assert not applies(torch.float16, k1536, 32)  # H_12: the CUDA-core kron kernel
 
@@ -260,11 +260,11 @@ def _float64_pipeline(x: torch.Tensor, fmt, rotation) -> torch.Tensor:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("n,block_size", [(576, 16), (576, 8), (1152, 16), (1152, 64), (2304, 128)])
+@pytest.mark.parametrize("n,block_size", [(576, 16), (576, 8), (1152, 16), (1152, 64), (2304, 128),
+                                          (576, 64), (1152, 128)])
 def test_tc_kernel_blocks_within_and_across_slices(n, block_size) -> None:
-    """Blocks inside a slice (lanes and registers of p) and over two slices (plus the
-    accumulator's column register bit). Blocks of four slices (576 / 64, 1152 / 128) belong here
-    once `kernels._kron_tc_applies` lets them in."""
+    """Blocks inside a slice (lanes and registers of p), over two slices (plus the accumulator's
+    column register bit) and over four (576 / 64, 1152 / 128: the two-step amax)."""
     fmt = Format(ELEMENT_FORMATS["e2m1"], block_size, ScaleRule.OCP)
     rotation = hadamard.get_rotation(n, block_size=32)
     x = sample_rows(40, n, torch.bfloat16, seed=block_size)
