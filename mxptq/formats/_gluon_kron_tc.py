@@ -136,8 +136,8 @@ def _quantize_tile(x, scale, MT: gl.constexpr, NC: gl.constexpr, QSPLIT: gl.cons
     # [blocks, groups, SUB]: a block of more than two slices reduces its pairs of slices first.
     # Triton 3.6 lowered one reduction over lane bits 0 and 2 with shuffles over lanes xor 2 and
     # xor 1 (wrong blocks on the H100; 3.9 shuffles xor 1 and 4); each of these two reductions
-    # covers one contiguous run of lane bits, and 3.6 compiles them to xor 4, then xor 1. (Not
-    # yet run on a GPU: `kernels._kron_tc_applies` keeps such blocks off this kernel for now.)
+    # covers one contiguous run of lane bits, and 3.6 compiles them to xor 4, then xor 1 (right
+    # on an H200: benchmarks/h200/cuda_tests.txt).
     SUB: gl.constexpr = BLOCK if BLOCK <= 2 * P else 2 * P  # noqa: FURB136 - a kernel constexpr
     blocks = gl.reshape(_permute(gl.reshape(x, QSPLIT), QORDER), ((MT * NC) // BLOCK, BLOCK // SUB, SUB))
     amax = gl.max(gl.max(gl.abs(blocks), axis=2), axis=1)

@@ -20,7 +20,7 @@ of order K = 12 (8 <= P <= 1024), 20 (P <= 256) or 28-44 (P <= 64, `_build_kron_
 butterflies on each of the K slices of a row (by warp shuffle where a slice lies in one warp),
 and A as add/subtract of slices in registers, columns in pairs or quads
 (`_gluon_mx.mx_kron_rotated_kernel`); where A has order 36 (576, 1152, 2304), the rows are
-fp16 or bf16 and an MX block spans at most two slices, A runs on the tensor cores instead
+fp16 or bf16 and an MX block spans at most four slices, A runs on the tensor cores instead
 (`_gluon_kron_tc`, `_kron_tc_applies`; sm_80 and later). Like
 the MMA kernel they agree with the reference to fp32 rounding, not bit for bit. Every other +-1 Kronecker rotation
 (R = s (A kron B)), and all of them in Triton's CPU interpreter, runs the MMA kernel, in two MMA stages per direction
