@@ -190,14 +190,12 @@ KRON_SWEEP = ((4, 8, 96, 0, 1), (4, 8, 96, 0, 0), (4, 4, 96, 128, 1), (4, 8, 96,
               (4, 8, 48, 0, 1), (4, 8, 160, 0, 1))
 
 
-# The tensor-core kron kernel's sweep: (warps, programs per SM, register cap, ring stages, B operands in
-# shared memory). B in shared memory freed the registers for a 168 cap without spills (576 fp16 MXINT4,
-# compiled for sm_90; bf16 MXFP4 still spilled).
-KRON_TC_SWEEP = ((2, 4, 0, 3, 0), (2, 4, 0, 3, 1), (2, 6, 168, 2, 1), (2, 5, 168, 2, 1), (2, 6, 168, 2, 0))
+# The tensor-core kron kernel's sweep: (warps, programs per SM, register cap, ring stages).
+KRON_TC_SWEEP = ((2, 4, 0, 3), (2, 4, 0, 2), (2, 4, 0, 4), (2, 3, 0, 3), (4, 2, 0, 3), (1, 8, 0, 3))
 
 
 def _settings(text: str, length: int) -> tuple:
-    """--walsh-settings (4 integers each) / --kron-settings and --kron-tc-settings (5):
+    """--walsh-settings and --kron-tc-settings (4 integers each) / --kron-settings (5):
     '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0), (8, 5, 4, 0))."""
     settings = tuple(tuple(int(v) for v in item.split(",")) for item in text.split(":"))
     if any(len(setting) != length for setting in settings):
@@ -234,18 +232,17 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
 
 
 def _sweep_kron_tc(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> None:
-    """The tensor-core kron kernel's (warps, programs per SM, register cap, ring stages, B in shared), where it
+    """The tensor-core kron kernel's (warps, programs per SM, register cap, ring stages), where it
     serves these rows."""
     kron = kernels._build_kron_plan(rot)
     if not kernels._kron_tc_applies(DTYPES[dtype_name], kron, fmt.block_size):
         return
     default = kernels.KRON_TC_SETTING
     try:
-        for warps, per_sm, cap, stages, b_shared in args.kron_tc_settings:
-            kernels.KRON_TC_SETTING = (warps, per_sm, cap, stages, b_shared)
+        for warps, per_sm, cap, stages in args.kron_tc_settings:
+            kernels.KRON_TC_SETTING = (warps, per_sm, cap, stages)
             kernels.clear_caches()
-            label = (f"kron-tc warps={warps} programs/SM={per_sm} registers<={cap or '-'} stages={stages}"
-                     f" B={'shared' if b_shared else 'registers'}")
+            label = f"kron-tc warps={warps} programs/SM={per_sm} registers<={cap or '-'} stages={stages}"
             try:  # (a setting the plan cannot lay out would be timed on the CUDA-core kron kernel)
                 kernels._kron_tc_tile(kron.log_p, warps, fmt.block_size)
             except ValueError:
@@ -353,9 +350,9 @@ def main() -> int:
     ap.add_argument("--kron-settings", type=functools.partial(_settings, length=5), default=KRON_SWEEP,
                     help="with --sweep: the kron kernel's settings, warps,programs per SM,values per thread,"
                          "register cap (0: none),lane levels (0/1), ':' between settings")
-    ap.add_argument("--kron-tc-settings", type=functools.partial(_settings, length=5), default=KRON_TC_SWEEP,
+    ap.add_argument("--kron-tc-settings", type=functools.partial(_settings, length=4), default=KRON_TC_SWEEP,
                     help="with --sweep: the tensor-core kron kernel's settings, warps,programs per SM,"
-                         "register cap (0: none),ring stages (>= 2),B operands in shared memory (0/1), ':' between settings")
+                         "register cap (0: none),ring stages (>= 2), ':' between settings")
     ap.add_argument("--sweep-walsh-only", action="store_true", help="with --sweep: only the Gluon kernels (Walsh, kron)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -91,10 +91,10 @@ def compile_kron_tc_sm90(n: int, dtype: str = "fp16", fmt: str = "MXINT4", block
     kron = kernels._build_kron_plan(get_rotation(n, block_size=32))
     if kron is None or not kernels._kron_tc_applies(DTYPES[dtype], kron, block):
         raise SystemExit(f"rows of {n} {dtype}: the tensor-core kron kernel does not take them")
-    warps, _per_sm, max_registers, stages, b_shared = kernels.KRON_TC_SETTING
+    warps, _per_sm, max_registers, stages = kernels.KRON_TC_SETTING
     plan = kernels._kron_tc_tile(kron.log_p, warps, block)
     constexprs = kernels._kron_tc_constexprs(plan, DTYPES[dtype], block, kernels._format_entry(FORMATS[fmt]), kron,
-                                             stages, bool(b_shared))
+                                             stages)
     compiled, sass, usage = _compile(_gluon_kron_tc.mx_kron_tc_rotated_kernel, constexprs, dtype, warps,
                                      max_registers, ("forward_ptr", "inverse_ptr"))
     return compiled, sass, usage, plan["ROWS"] * n // (32 * warps)

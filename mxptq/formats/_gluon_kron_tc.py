@@ -30,11 +30,7 @@ buffers: `cp.async` copies the next STAGES - 1 tiles while the current one compu
 waits on global loads were the largest stall: Nsight Compute, 1.3 cycles per issued
 instruction). Each thread reads back only the 16-byte pieces it copied itself (the same copy
 layout both ways), so a stage needs no barrier between its copy and its read. The compiler's
-layout conversions move a tile from its coalesced copy layout to the MMA operand and back. The
-eight B operand blocks (A and A' in chunks) either stay in registers for the whole program
-(about 60 of a thread's registers) or, with B_SHARED, sit in shared memory (7.5 KB) and are read
-per tile by ldmatrix (16 more instructions a tile): that frees the registers that a cap needs
-to let more programs share an SM.
+layout conversions move a tile from its coalesced copy layout to the MMA operand and back.
 
 Not bit-exact (the MMA's fp32 accumulation order is the hardware's): R x agrees with the
 reference to fp32 rounding, as the other kron kernels' does.
@@ -205,7 +201,6 @@ def mx_kron_tc_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr, OUT_IO: gl.constexpr,
-    B_SHARED: gl.constexpr,
 ):
     """y = R^T Q(R x) for every row of a row-major [n_rows, K * P] fp16 or bf16 tensor, R = s
     (A kron H_P), s = `scale`: a row is K slices of P, X[k, p] = x[k * P + p], and R x is
@@ -232,16 +227,6 @@ def mx_kron_tc_rotated_kernel(
     g12 = _load_matrix(inverse_ptr, 0, N1, K1, N2, B_OP)
     g21 = _load_matrix(inverse_ptr, K1, 0, K2, N1, B_OP)
     g22 = _load_matrix(inverse_ptr, K1, N1, K2, N2, B_OP)
-    if B_SHARED:
-        B_SMEM: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 1, [1, 0])
-        sf11 = gl.allocate_shared_memory(DT, [K1, N1], B_SMEM, f11)
-        sf12 = gl.allocate_shared_memory(DT, [K1, N2], B_SMEM, f12)
-        sf21 = gl.allocate_shared_memory(DT, [K2, N1], B_SMEM, f21)
-        sf22 = gl.allocate_shared_memory(DT, [K2, N2], B_SMEM, f22)
-        sg11 = gl.allocate_shared_memory(DT, [K1, N1], B_SMEM, g11)
-        sg12 = gl.allocate_shared_memory(DT, [K1, N2], B_SMEM, g12)
-        sg21 = gl.allocate_shared_memory(DT, [K2, N1], B_SMEM, g21)
-        sg22 = gl.allocate_shared_memory(DT, [K2, N2], B_SMEM, g22)
     offs1, row1, _slice1 = _tile_offsets(ROWS, K1, 0, P, N, COPY1)
     offs2, row2, slice2 = _tile_offsets(ROWS, K2, K1, P, N, COPY2)
     out2, out_row2, out_slice2 = _tile_offsets(ROWS, N2, N1, P, N, STORE2)
@@ -262,11 +247,6 @@ def mx_kron_tc_rotated_kernel(
         # The next copy goes to the stage read one iteration ago, by this same thread.
         _copy_tile(ring1.index((i + STAGES - 1) % STAGES), ring2.index((i + STAGES - 1) % STAGES), x_ptr,
                    tile + (STAGES - 1) * step, n_rows, offs1, row1, offs2, row2, slice2, ROWS, K, N)
-        if B_SHARED:
-            f11 = sf11.load(B_OP)
-            f12 = sf12.load(B_OP)
-            f21 = sf21.load(B_OP)
-            f22 = sf22.load(B_OP)
         a1 = gl.convert_layout(_regroup(raw1, SPLIT1, ORDER1, (MT, K1)), A_OP)
         a2 = gl.convert_layout(_regroup(raw2, SPLIT2, ORDER2, (MT, K2)), A_OP)
         c1 = mma_v2(a2, f21, mma_v2(a1, f11, gl.zeros((MT, N1), gl.float32, MMA)))
@@ -286,11 +266,6 @@ def mx_kron_tc_rotated_kernel(
         # q2 joined with zeros into a K2-deep operand (JOIN_ORDER: no data moves)
         q2 = gl.join(q2.to(DT), gl.zeros_like(q2.to(DT)))  # [MT, N2, 2]: (n, z)
         q2 = gl.convert_layout(_regroup(q2, (MT, 2, 2, 2, 2), JOIN_ORDER, (MT, K2)), A_OP)
-        if B_SHARED:
-            g11 = sg11.load(B_OP)
-            g12 = sg12.load(B_OP)
-            g21 = sg21.load(B_OP)
-            g22 = sg22.load(B_OP)
         y1 = mma_v2(q2, g21, mma_v2(q1, g11, gl.zeros((MT, N1), gl.float32, MMA)))
         y2 = mma_v2(q2, g22, mma_v2(q1, g12, gl.zeros((MT, N2), gl.float32, MMA)))
         y1 = (_p_butterflies(y1, MT, N1, REG_H, LANE_ASM) * scale).to(DT)

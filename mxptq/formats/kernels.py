@@ -764,13 +764,11 @@ KRON_QUAD_MIN_K = 20
 USE_KRON_KERNEL = True
 # The kron kernel with A on the tensor cores (`_gluon_kron_tc`), for A of order 36 (576 =
 # H_36 kron H_16; 1152, 2304) in fp16 and bf16: (num_warps, persistent programs per SM, register
-# cap, ring stages: tiles copied ahead + 1, at least 2; B operands: 0 held in registers for the
-# whole program, 1 kept in shared memory and read per tile, which frees about 30 registers for
-# a cap). Chosen on an H100 with the kernel's
+# cap, ring stages: tiles copied ahead + 1, at least 2). Chosen on an H100 with the kernel's
 # prototype (benchmarks/h100/kron_tc_sweep.md): 2 warps (8 rows per tile at 576), 4 programs per
 # SM, 3 stages. The kernel as committed: 24.1 us against the CUDA-core kron kernel's 28.5 (fp16
 # MXINT4, benchmarks/h100/bench_kernels.md).
-KRON_TC_SETTING = (2, 4, 0, 3, 0)
+KRON_TC_SETTING = (2, 4, 0, 3)
 USE_KRON_TC_KERNEL = True
 # (device, row length, dtype) -> the error of a Gluon kernel that failed to compile or launch
 # there (a Triton whose experimental Gluon API differs): that case then runs the MMA kernel,
@@ -867,7 +865,7 @@ def _gluon_rotated(kernel, what: str, x: torch.Tensor, n: int, scale: float, row
     rows_per_tile rows. The compiled variant is cached in the format's entry under the key
     (kernel name, n, dtype, device, plan, setting, whether the rows fill whole tiles), where
     variant = (kernel name, what identifies its plan: the Walsh register bits; the kron plan and
-    lane levels; for "kron-tc" the kron plan, block size, ring stages and where B lives); constexprs(even)
+    lane levels; for "kron-tc" the kron plan, block size and ring stages); constexprs(even)
     builds its constants on first use; `operands` follow scale
     in the kernel's arguments. None where the launch failed (`_launch_gluon`)."""
     num_warps, programs_per_sm, max_registers = setting
@@ -994,10 +992,10 @@ def _kron_tc_tile(log_p: int, num_warps: int, block: int) -> dict:
 
 
 def _kron_tc_constexprs(plan: dict, dtype: torch.dtype, block: int, entry: _FormatEntry, kron: _KronPlan,
-                        stages: int, b_shared: bool) -> dict:
+                        stages: int) -> dict:
     """Every constexpr of `_gluon_kron_tc.mx_kron_tc_rotated_kernel` (compiled GPU code only;
     it masks every tile, so whole and ragged tiles share one variant)."""
-    return dict(plan, K=kron.k, STAGES=stages, B_SHARED=b_shared, IO=_compiled_io(dtype), BLOCK=block, **entry.constexprs,
+    return dict(plan, K=kron.k, STAGES=stages, IO=_compiled_io(dtype), BLOCK=block, **entry.constexprs,
                 OUT_IO=_out_io(dtype, entry))
 
 
@@ -1020,7 +1018,7 @@ def _kron_tc_rotated(x: torch.Tensor, entry: _FormatEntry, kron: _KronPlan, bloc
     failure_key = _failure_key("kron-tc", x.device, n, x.dtype)
     if failure_key in GLUON_FAILURES or not _has_ampere_mma(x.device):
         return None
-    num_warps, programs_per_sm, max_registers, stages, b_shared = KRON_TC_SETTING
+    num_warps, programs_per_sm, max_registers, stages = KRON_TC_SETTING
     if stages < 2:  # (a hand-edited setting: the ring needs a stage to copy into while one computes)
         raise ValueError(f"KRON_TC_SETTING {KRON_TC_SETTING}: tiles in flight must be at least 2")
     try:
@@ -1036,8 +1034,7 @@ def _kron_tc_rotated(x: torch.Tensor, entry: _FormatEntry, kron: _KronPlan, bloc
             torch.tensor(m, dtype=x.dtype, device=x.device) for m in (forward, inverse))
     return _gluon_rotated(
         _gluon_kron_tc.mx_kron_tc_rotated_kernel, "tensor-core kron", x, n, kron.scale, plan["ROWS"], entry,
-        ("kron-tc", (kron, block, stages, bool(b_shared))),
-        lambda even: _kron_tc_constexprs(plan, x.dtype, block, entry, kron, stages, bool(b_shared)),
+        ("kron-tc", (kron, block, stages)), lambda even: _kron_tc_constexprs(plan, x.dtype, block, entry, kron, stages),
         (num_warps, programs_per_sm, max_registers), failure_key, operands)
 
 

@@ -219,10 +219,10 @@ def test_tensor_core_kron_kernel_declines_old_gpus_bad_settings_and_capture(monk
     assert kernels._kron_tc_rotated(x, entry, kron, 32) is None
     monkeypatch.setattr(kernels, "_KRON_TC_OPERANDS", {(kron, x.device, x.dtype): ()})
     assert kernels._kron_tc_rotated(x, entry, kron, 32) == "launched"
-    monkeypatch.setattr(kernels, "KRON_TC_SETTING", (3, 4, 0, 3, 0))  # 3 warps: no plan
+    monkeypatch.setattr(kernels, "KRON_TC_SETTING", (3, 4, 0, 3))  # 3 warps: no plan
     kernels._kron_tc_tile.cache_clear()
     assert kernels._kron_tc_rotated(x, entry, kron, 32) is None
-    monkeypatch.setattr(kernels, "KRON_TC_SETTING", (2, 4, 0, 1, 0))  # a ring of one stage
+    monkeypatch.setattr(kernels, "KRON_TC_SETTING", (2, 4, 0, 1))  # a ring of one stage
     with pytest.raises(ValueError, match="at least 2"):
         kernels._kron_tc_rotated(x, entry, kron, 32)
 
@@ -296,7 +296,7 @@ def test_tc_kernel_nonfinite_rows_become_nan_as_in_the_reference() -> None:
 def test_tc_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
     """One program: the copy ring wraps around many times, the last tile ragged."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 1)
-    monkeypatch.setattr(kernels, "KRON_TC_SETTING", (2, 1, 0, 3, 0))
+    monkeypatch.setattr(kernels, "KRON_TC_SETTING", (2, 1, 0, 3))
     kernels.clear_caches()
     try:
         fmt = FORMATS[3]
@@ -308,28 +308,3 @@ def test_tc_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
         assert not kernels.GLUON_FAILURES
     finally:
         kernels.clear_caches()
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,block_size", [(576, 32), (576, 64), (2304, 128)])
-def test_b_operands_in_shared_memory_give_the_same_bits(monkeypatch, dtype, n, block_size) -> None:
-    """Where the MMA's B operands live (registers for the whole program, or shared memory read
-    per tile, the fifth field of KRON_TC_SETTING) moves no arithmetic: the outputs must agree
-    bit for bit, under a register cap as well, and the shared variant must have run."""
-    fmt = Format(ELEMENT_FORMATS["int4"], block_size, ScaleRule.TUTORIAL)
-    rotation = hadamard.get_rotation(n, block_size=32)
-    x = sample_rows(37, n, dtype, seed=n + block_size)
-    outputs = []
-    try:
-        for setting in ((2, 4, 0, 3, 0), (2, 4, 0, 3, 1), (2, 6, 168, 2, 1)):
-            monkeypatch.setattr(kernels, "KRON_TC_SETTING", setting)
-            kernels.clear_caches()
-            outputs.append(kernels.rotated_fake_quantize(x, fmt, rotation))
-            assert not kernels.GLUON_FAILURES, setting
-            assert kernels._gluon_compiled(fmt, "kron-tc", n, dtype), setting
-    finally:
-        kernels.clear_caches()
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
-    _assert_close_to_reference(outputs[1], reference(x, fmt, rotation), x, "B in shared memory", rotation)
