@@ -179,10 +179,8 @@ def _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s
 
 
 # The Walsh kernel's sweep: (warps, log2 values per thread, programs per SM, register cap).
-# The Walsh kernel's sweep: (warps, log2 values per thread, programs per SM, register cap, ring stages).
-WALSH_SWEEP = ((4, 6, 8, 0, 0), (4, 6, 8, 0, 2), (4, 6, 8, 0, 3), (4, 6, 4, 0, 2), (4, 6, 5, 96, 2),
-               (4, 6, 6, 80, 2), (8, 6, 4, 0, 2), (4, 5, 8, 0, 2), (8, 5, 4, 0, 2), (8, 5, 4, 64, 0),
-               (8, 5, 4, 64, 2), (8, 5, 4, 64, 3), (8, 5, 2, 0, 2), (16, 5, 2, 0, 2), (4, 7, 2, 0, 2))
+WALSH_SWEEP = ((4, 6, 4, 0), (4, 6, 8, 0), (4, 6, 5, 96), (4, 6, 6, 80), (4, 6, 8, 80), (4, 6, 7, 72), (8, 6, 4, 0),
+               (8, 6, 3, 80), (4, 5, 8, 0), (8, 5, 4, 0), (8, 5, 2, 0), (16, 5, 2, 0), (4, 7, 2, 0), (8, 7, 1, 0))
 
 
 # The kron kernel's sweep: (warps, programs per SM, values per thread over the K slices, register cap,
@@ -197,7 +195,7 @@ KRON_TC_SWEEP = ((2, 4, 0, 3), (2, 4, 0, 2), (2, 4, 0, 4), (2, 3, 0, 3), (4, 2, 
 
 
 def _settings(text: str, length: int) -> tuple:
-    """--kron-tc-settings (4 integers each) / --walsh-settings and --kron-settings (5):
+    """--walsh-settings and --kron-tc-settings (4 integers each) / --kron-settings (5):
     '4,6,8,0:8,5,4,0' -> ((4, 6, 8, 0), (8, 5, 4, 0))."""
     settings = tuple(tuple(int(v) for v in item.split(",")) for item in text.split(":"))
     if any(len(setting) != length for setting in settings):
@@ -226,10 +224,10 @@ def _sweep_walsh(n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args) -> Non
     settings (a cap of 0: ptxas's choice; a lower cap lets more programs share an SM)."""
     log_n = n.bit_length() - 1
     with _overwriting(kernels.WALSH_CONFIGS, log_n):
-        for warps, bits, per_sm, cap, ring in args.walsh_settings:
-            kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm, cap, ring)
+        for warps, bits, per_sm, cap in args.walsh_settings:
+            kernels.WALSH_CONFIGS[log_n] = (warps, bits, per_sm, cap)
             kernels.clear_caches()
-            label = f"walsh warps={warps} values/thread={1 << bits} programs/SM={per_sm} registers<={cap or '-'} ring={ring}"
+            label = f"walsh warps={warps} values/thread={1 << bits} programs/SM={per_sm} registers<={cap or '-'}"
             _time_gluon_setting(label, n, dtype_name, fmt_name, fmt, rot, inputs, copy_s, args)
 
 
@@ -346,9 +344,9 @@ def main() -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the eager torch reference")
     ap.add_argument("--sweep", action="store_true", help="only time kernel settings (tile, warps, split)")
     ap.add_argument("--sweep-rotated-only", action="store_true", help="with --sweep: only the rotated kernel")
-    ap.add_argument("--walsh-settings", type=functools.partial(_settings, length=5), default=WALSH_SWEEP,
+    ap.add_argument("--walsh-settings", type=functools.partial(_settings, length=4), default=WALSH_SWEEP,
                     help="with --sweep: the Walsh kernel's settings, warps,log2 values per thread,programs per SM,"
-                         "register cap (0: none),ring stages (0: plain loads), ':' between settings")
+                         "register cap (0: none), ':' between settings")
     ap.add_argument("--kron-settings", type=functools.partial(_settings, length=5), default=KRON_SWEEP,
                     help="with --sweep: the kron kernel's settings, warps,programs per SM,values per thread,"
                          "register cap (0: none),lane levels (0/1), ':' between settings")

@@ -61,10 +61,10 @@ def _compile(kernel, constexprs: dict, dtype: str, warps: int, max_registers: in
 
 
 def compile_sm90(log_n: int, warps: int, register_bits: int, dtype: str = "fp16", fmt: str = "MXINT4",
-                 even: bool = True, max_registers: int = 0, ring: int = 0):
+                 even: bool = True, max_registers: int = 0):
     """Compile the Walsh kernel for sm_90 here (no GPU): (CompiledKernel, SASS text, resource usage text)."""
     plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)
-    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]), ring)
+    constexprs = kernels._walsh_constexprs(plan, even, DTYPES[dtype], 32, kernels._format_entry(FORMATS[fmt]))
     return _compile(_gluon_mx.mx_walsh_rotated_kernel, constexprs, dtype, warps, max_registers)
 
 
@@ -117,9 +117,9 @@ def check_all() -> int:
     settings of kernels.KRON_CONFIGS): spills, registers, instructions per element
     (tests/formats/test_walsh_kernel.py reads these)."""
     for log_n, dtype, even in CHECK_CASES:
-        warps, register_bits, _, max_registers, ring = kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)
+        warps, register_bits, _, max_registers = kernels.WALSH_CONFIGS.get(log_n, kernels.WALSH_DEFAULT_CONFIG)
         plan, _rows_per_tile = kernels._walsh_plan(log_n, warps, register_bits)
-        compiled, sass, usage = compile_sm90(log_n, warps, register_bits, dtype, "MXINT4", even, max_registers, ring)
+        compiled, sass, usage = compile_sm90(log_n, warps, register_bits, dtype, "MXINT4", even, max_registers)
         print(json.dumps({
             "kernel": "walsh", "log_n": log_n, "dtype": dtype, "even": even, "warps": warps,
             "register_bits": register_bits, "conversions": compiled.asm["ttgir"].count("ttg.convert_layout"),
@@ -162,7 +162,6 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--register-bits", type=int, default=_gluon_mx.REGISTER_BITS)
     ap.add_argument("--max-registers", type=int, default=0, help="ptxas register cap (maxnreg); 0 = its choice")
-    ap.add_argument("--ring", type=int, default=0, help="cp.async ring stages of the tile loop (0: plain loads)")
     ap.add_argument("--dtype", choices=sorted(POINTERS), default="fp16")
     ap.add_argument("--format", choices=sorted(FORMATS), default="MXINT4")
     args = ap.parse_args()
@@ -176,7 +175,7 @@ def main() -> int:
               f"{json.dumps(_usage(sass, usage, per_thread))}")
         return 0
     _compiled, sass, usage = compile_sm90(args.log_n, args.warps, args.register_bits, args.dtype, args.format,
-                                          max_registers=args.max_registers, ring=args.ring)
+                                          max_registers=args.max_registers)
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z][A-Z0-9._]*)", sass, re.MULTILINE))
     total = sum(ops.values())
     per_thread = 1 << args.register_bits

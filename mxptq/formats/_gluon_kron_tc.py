@@ -41,7 +41,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from mxptq.formats import _triton_mx as _mx
-from mxptq.formats._gluon_mx import LANE_BITS, _lane_butterfly, async_load, lane_butterfly_asm
+from mxptq.formats._gluon_mx import LANE_BITS, _lane_butterfly, lane_butterfly_asm
+
+# cp.async from global to shared memory: `async_load` from Triton 3.7 on (the old name raises
+# there), `async_copy_global_to_shared` before (the H100 tool's Triton 3.6).
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 TC_K = 36  # the order of A this kernel's chunking is written for
 # A's columns (the MMA's K index: slices) in a chunk of 32 and one of 16 (slices 36-47 zero); its
@@ -176,8 +180,8 @@ def _copy_tile(buf1, buf2, x_ptr, t, n_rows, offs1, row1, offs2, row2, slice2, R
     """cp.async tile t's rows into one stage of the ring (rows past the end: zeros, no reads)."""
     left = n_rows - t * ROWS
     base = x_ptr + t.to(gl.int64) * (ROWS * N)
-    async_load(buf1, base + offs1, mask=row1 < left)
-    async_load(buf2, base + offs2, mask=(row2 < left) & (slice2 < K - K1))
+    _async_load(buf1, base + offs1, mask=row1 < left)
+    _async_load(buf2, base + offs2, mask=(row2 < left) & (slice2 < K - K1))
     async_copy.commit_group()
 
 

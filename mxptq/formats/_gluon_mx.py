@@ -36,13 +36,8 @@ the transform alone ran near copy speed and the quantizer's instructions set the
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from mxptq.formats import _triton_mx as _mx
-
-# cp.async from global to shared memory: `async_load` from Triton 3.7 on (the old name raises
-# there), `async_copy_global_to_shared` before (the device's Triton 3.6).
-async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 LANE_BITS = 5  # 32 lanes per warp
 REGISTER_BITS = 6  # 64 fp32 values of the tile per thread (128 registers at n = 2048, no spills)
@@ -129,7 +124,7 @@ def mx_walsh_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
-    OUT_IO: gl.constexpr, LANE_STAGE: gl.constexpr, LANE_ASM: gl.constexpr, RING: gl.constexpr = 0,
+    OUT_IO: gl.constexpr, LANE_STAGE: gl.constexpr, LANE_ASM: gl.constexpr,
 ):
     """y = H^T Q(H x) for every row of a row-major [n_rows, 2^LOG_N] tensor, H = H_2^L / sqrt(n)
     (Sylvester order, symmetric: the inverse is the same transform), one read and one write.
@@ -139,29 +134,14 @@ def mx_walsh_rotated_kernel(
     next 32 groups: coalesced); the MX blocks are BLOCK consecutive row elements, reduced in the
     same layout. EVEN: the row count is a multiple of the tile's, no masks."""
     gl.static_assert(NONFINITE == 0, "the rotated kernel implements the block-NaN policy only")
-    gl.static_assert(RING == 0 or RING >= 2, "a ring of at least 2 stages: the copy of tile i + 1 overlaps tile i")
     local = gl.arange(0, M, layout=IO_LAYOUT)
-    pid = gl.program_id(0)
-    step = gl.num_programs(0)
-    if RING >= 2:
-        ring = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [RING, M], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        for s in gl.static_range(RING - 1):
-            _copy_tile(ring.index(s), x_ptr, pid + s * step, n_rows, local, LOG_N, M)
-    for i in range(gl.cdiv(n_tiles - pid, step)):
-        tile = pid + i * step
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         base = tile.to(gl.int64) * M
         if EVEN:
             mask = None
         else:
             mask = (local >> LOG_N) < n_rows - tile.to(gl.int64) * (M >> LOG_N)
-        if RING >= 2:
-            async_copy.wait_group(RING - 2)  # (this thread's copies of tile i: it reads only those)
-            raw = ring.index(i % RING).load(IO_LAYOUT)
-            # The next copy goes to the stage read one iteration ago, by this same thread.
-            _copy_tile(ring.index((i + RING - 1) % RING), x_ptr, tile + (RING - 1) * step, n_rows, local, LOG_N, M)
-            x = _mx._f32_from_raw(raw, IO)
-        else:
-            x = _mx._load_f32_fast(x_ptr + base + local, mask, IO)
+        x = _mx._load_f32_fast(x_ptr + base + local, mask, IO)
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 0, LANE_STAGE, LANE_ASM)
         # The reference rounds H x to the activation dtype (Rotation.forward keeps the dtype)
         # and Q's output too (quantize keeps it).
@@ -186,21 +166,6 @@ def mx_walsh_rotated_kernel(
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 0, LANE_STAGE, LANE_ASM)
         x = gl.convert_layout(x, IO_LAYOUT)
         _mx._store_f32_fast(y_ptr + base + local, x * scale, mask, IO)
-    if RING >= 2:
-        async_copy.wait_group(0)  # (the last prefetches, all masked off, before the program exits)
-
-
-@gluon.jit
-def _copy_tile(buf, x_ptr, t, n_rows, local, LOG_N: gl.constexpr, M: gl.constexpr, VECTOR: gl.constexpr = 8):
-    """cp.async tile t (M elements, whole rows of 2^LOG_N) into one ring stage; rows past the end
-    (a tile beyond the last one included) are zero-filled, never read."""
-    left = n_rows - t.to(gl.int64) * (M >> LOG_N)
-    # 16 bytes per copy: the IO layout's runs of consecutive elements, said so (Triton's
-    # analysis does not see them through the linear layout)
-    offsets = gl.max_contiguous(gl.multiple_of(local, VECTOR), VECTOR)
-    rows = gl.max_constancy(local >> LOG_N, VECTOR)  # (rows of at least 2^8 elements)
-    async_load(buf, x_ptr + t.to(gl.int64) * M + offsets, mask=rows < left)
-    async_copy.commit_group()
 
 
 @gluon.jit

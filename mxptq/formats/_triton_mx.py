@@ -236,12 +236,6 @@ def _load_f32_fast(ptrs, mask, IO: tl.constexpr):
         raw = tl.load(ptrs)
     else:
         raw = tl.load(ptrs, mask=mask, other=0)
-    return _f32_from_raw(raw, IO)
-
-
-@triton.jit
-def _f32_from_raw(raw, IO: tl.constexpr):
-    """Loaded activation values (of the IO code's storage type) as fp32, exactly."""
     if IO == 2:
         bits = raw.to(tl.int32) & 0xFFFF
         return (bits << 16).to(tl.float32, bitcast=True)

@@ -734,10 +734,8 @@ def _sm_count(device: torch.device) -> int:
 # minifloat kernel took 135, 3 programs per SM instead of 4), 2^13 at 64 (bf16 MXINT4 took 68:
 # 350 -> 317 us). 2^14 and 2^15 (not measured) take 64 values per thread on as many warps as
 # one row needs.
-# Last field: ring stages of the tile loop's cp.async copies (`_gluon_mx.mx_walsh_rotated_kernel`
-# RING; 0: each tile loaded straight into registers, then computed).
-WALSH_CONFIGS = {12: (4, 6, 8, 128, 0), 13: (8, 5, 4, 64, 0), 14: (8, 6, 4, 0, 0), 15: (16, 6, 2, 0, 0)}
-WALSH_DEFAULT_CONFIG = (4, 6, 8, 0, 0)
+WALSH_CONFIGS = {12: (4, 6, 8, 128), 13: (8, 5, 4, 64), 14: (8, 6, 4, 0), 15: (16, 6, 2, 0)}
+WALSH_DEFAULT_CONFIG = (4, 6, 8, 0)
 WALSH_LOG_N_RANGE = (8, 15)
 # Tests switch this off to run the MMA kernel on Walsh sizes too.
 USE_WALSH_KERNEL = True
@@ -823,12 +821,11 @@ def _fp16_q_stays_finite(fmt) -> bool:
     return bool((quantize_reference(blocks, pair).abs() <= 65504.0).all())
 
 
-def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry,
-                      ring: int = 0) -> dict:
+def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry) -> dict:
     """Every constexpr of `_gluon_mx.mx_walsh_rotated_kernel` (compiled GPU code only: bf16
     loads and stores as bf16, see _triton_mx.IO_BF16_NATIVE)."""
     io = _compiled_io(dtype)
-    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, OUT_IO=_out_io(dtype, entry), RING=ring)
+    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, OUT_IO=_out_io(dtype, entry))
 
 
 def _out_io(dtype: torch.dtype, entry: _FormatEntry) -> int:
@@ -851,12 +848,12 @@ def _walsh_rotated(x: torch.Tensor, entry: _FormatEntry, fmt, rotation) -> torch
     if failure_key in GLUON_FAILURES:
         return None
     log_n = n.bit_length() - 1
-    num_warps, register_bits, programs_per_sm, max_registers, ring = WALSH_CONFIGS.get(log_n, WALSH_DEFAULT_CONFIG)
+    num_warps, register_bits, programs_per_sm, max_registers = WALSH_CONFIGS.get(log_n, WALSH_DEFAULT_CONFIG)
     plan, rows_per_tile = _walsh_plan(log_n, num_warps, register_bits)
     # 1 / sqrt(n) as the reference's fp32 multiply uses it (a Python float, rounded to fp32)
     return _gluon_rotated(
         _gluon_mx.mx_walsh_rotated_kernel, "Walsh", x, n, 1.0 / math.sqrt(n), rows_per_tile, entry,
-        ("walsh", (register_bits, ring)), lambda even: _walsh_constexprs(plan, even, x.dtype, block, entry, ring),
+        ("walsh", register_bits), lambda even: _walsh_constexprs(plan, even, x.dtype, block, entry),
         (num_warps, programs_per_sm, max_registers), failure_key)
 
 
