@@ -185,7 +185,6 @@ def test_a_failed_tensor_core_launch_leaves_the_cuda_core_kron_kernel_in_service
     served = []
     monkeypatch.setattr(kernels, "_has_ampere_mma", lambda device: True)
     monkeypatch.setattr(kernels, "_KRON_TC_OPERANDS", {(kron, torch.device("cuda", 0), torch.float16): ()})
-    monkeypatch.setattr(kernels, "GLUON_FAILURES", {})
 
     def fake_gluon_rotated(kernel, what, x, n, scale, rows_per_tile, entry, variant, constexprs, setting,
                            failure_key, operands=()):
@@ -209,7 +208,6 @@ def test_tensor_core_kron_kernel_declines_old_gpus_bad_settings_and_capture(monk
     kron = kernels._build_kron_plan(hadamard.get_rotation(576, block_size=32))
     entry = kernels._format_entry(FORMATS[0])
     x = _FakeCuda(torch.bfloat16)
-    monkeypatch.setattr(kernels, "GLUON_FAILURES", {})
     monkeypatch.setattr(kernels, "_gluon_rotated", lambda *args, **kwargs: "launched")
     monkeypatch.setattr(kernels, "_has_ampere_mma", lambda device: False)  # before sm_80
     assert kernels._kron_tc_rotated(x, entry, kron, 32) is None

@@ -311,7 +311,6 @@ def test_a_failing_gluon_launch_falls_back_to_the_mma_kernel_with_a_warning(monk
         real_launch(config, grid, args)
 
     monkeypatch.setattr(kernels, "_launch", failing)
-    monkeypatch.setattr(kernels, "GLUON_FAILURES", {})
     fmt = Format(ELEMENT_FORMATS["int4"], 32, ScaleRule.TUTORIAL)
     rotation = hadamard.get_rotation(2048)
     x = sample_rows(8, 2048, torch.float16, seed=4)
