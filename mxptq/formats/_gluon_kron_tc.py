@@ -128,7 +128,8 @@ def _quantize_tile(x, scale, MT: gl.constexpr, NC: gl.constexpr, QSPLIT: gl.cons
                    SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
                    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
                    CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
-                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, OUT_IO: gl.constexpr):
+                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, OUT_IO: gl.constexpr,
+                   CLAMPS: gl.constexpr = 3):
     """Q(round(scale * x)) rounded to the activation dtype, for an accumulator tile [MT, NC]:
     regrouped as [blocks, BLOCK] (QSPLIT/QORDER, the block's index bits last), quantized by the
     Walsh kernel's exact MX math (`_triton_mx._fake_quantize_given_amax`), regrouped back."""
@@ -146,7 +147,7 @@ def _quantize_tile(x, scale, MT: gl.constexpr, NC: gl.constexpr, QSPLIT: gl.cons
                                       SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                       CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
                                       ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                      AT_QUANTUM=True, LEAN=True, OUT_IO=OUT_IO, WIDE=IO >= 2)
+                                      AT_QUANTUM=True, LEAN=True, OUT_IO=OUT_IO, WIDE=IO >= 2, CLAMPS=CLAMPS)
     if OUT_IO == 0:  # (else q is already Q(x) rounded to the activation dtype)
         q = _mx._round_through_io(q, IO)
     return _regroup(q, QSHAPE, QBACK, (MT, NC))
@@ -201,6 +202,7 @@ def mx_kron_tc_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr, OUT_IO: gl.constexpr,
+    CLAMPS: gl.constexpr = 3,
 ):
     """y = R^T Q(R x) for every row of a row-major [n_rows, K * P] fp16 or bf16 tensor, R = s
     (A kron H_P), s = `scale`: a row is K slices of P, X[k, p] = x[k * P + p], and R x is
@@ -256,11 +258,11 @@ def mx_kron_tc_rotated_kernel(
         q1 = _quantize_tile(c1, scale, MT, N1, QSPLIT1, QORDER1, QSHAPE1, QBACK1, BLOCK, P, IO,
                             MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN, SHARED_MAX,
                             ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN,
-                            ELEM_MAN_BITS, ELEM_MAX, OUT_IO)
+                            ELEM_MAN_BITS, ELEM_MAX, OUT_IO, CLAMPS)
         q2 = _quantize_tile(c2, scale, MT, N2, QSPLIT2, QORDER2, QSHAPE2, QBACK2, BLOCK, P, IO,
                             MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET, SHARED_MIN, SHARED_MAX,
                             ZERO_SHARED, CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN,
-                            ELEM_MAN_BITS, ELEM_MAX, OUT_IO)
+                            ELEM_MAN_BITS, ELEM_MAX, OUT_IO, CLAMPS)
         # Q's values are values of the activation dtype, exact as 16-bit MMA inputs.
         q1 = gl.convert_layout(q1.to(DT), A_OP)  # (the accumulator's own fragment layout)
         # q2 joined with zeros into a K2-deep operand (JOIN_ORDER: no data moves)

@@ -124,7 +124,7 @@ def mx_walsh_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
-    OUT_IO: gl.constexpr, LANE_STAGE: gl.constexpr, LANE_ASM: gl.constexpr,
+    OUT_IO: gl.constexpr, LANE_STAGE: gl.constexpr, LANE_ASM: gl.constexpr, CLAMPS: gl.constexpr = 3,
 ):
     """y = H^T Q(H x) for every row of a row-major [n_rows, 2^LOG_N] tensor, H = H_2^L / sqrt(n)
     (Sylvester order, symmetric: the inverse is the same transform), one read and one write.
@@ -159,7 +159,7 @@ def mx_walsh_rotated_kernel(
                                           SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                           CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
                                           ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, AT_QUANTUM=IO != 0,
-                                          LEAN=True, OUT_IO=OUT_IO, WIDE=IO >= 2)
+                                          LEAN=True, OUT_IO=OUT_IO, WIDE=IO >= 2, CLAMPS=CLAMPS)
         x = gl.reshape(q, (M,))
         if OUT_IO == 0:  # (else q is already Q(x) rounded to the activation dtype)
             x = _mx._round_through_io(x, IO)
@@ -230,7 +230,8 @@ def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.conste
                    SHARED_OFFSET: gl.constexpr, SHARED_MIN: gl.constexpr, SHARED_MAX: gl.constexpr,
                    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
                    CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
-                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, OUT_IO: gl.constexpr):
+                   ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, OUT_IO: gl.constexpr,
+                   CLAMPS: gl.constexpr = 3):
     """Q(round(scale * x)) rounded to the activation dtype, for every k-slice of the tile. A
     row's MX blocks are BLOCK consecutive elements: BLOCK / P consecutive slices when a block
     is longer than a slice (P = 2^LOG_P), else BLOCK consecutive elements of one slice."""
@@ -254,7 +255,8 @@ def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.conste
                                               SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED,
                                               CODE_SHIFT, IS_INT, CODE_MAX_POS, CODE_MAX_NEG,
                                               ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                              AT_QUANTUM=IO != 0, LEAN=True, OUT_IO=OUT_IO, WIDE=IO >= 2)
+                                              AT_QUANTUM=IO != 0, LEAN=True, OUT_IO=OUT_IO, WIDE=IO >= 2,
+                                              CLAMPS=CLAMPS)
             q = gl.reshape(q, (M,))
             if OUT_IO == 0:  # (else q is already Q(x) rounded to the activation dtype)
                 q = _mx._round_through_io(q, IO)
@@ -291,7 +293,7 @@ def mx_kron_rotated_kernel(
     ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr, OUT_IO: gl.constexpr,
-    LANE_ASM: gl.constexpr,
+    LANE_ASM: gl.constexpr, CLAMPS: gl.constexpr = 3,
 ):
     """y = R^T Q(R x) for every row of a row-major [n_rows, K * 2^LOG_N] tensor, R = s (A kron
     H_P) with A a +-1 K x K matrix (FORWARD_TERMS codes A, INVERSE_TERMS A^T; `_mix`) and s
@@ -335,7 +337,7 @@ def mx_kron_rotated_kernel(
         xs = _mix(xs, K, MIX_GROUP, FORWARD_TERMS, FORWARD_FLIP)
         xs = _quantize_kron(xs, scale, K, LOG_N, MS, IO, BLOCK, MODE, QMAX_LOG2, QMAX_SIGNIFICAND,
                             SHARED_OFFSET, SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
-                            CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, OUT_IO)
+                            CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, OUT_IO, CLAMPS)
         xs = _mix(xs, K, MIX_GROUP, INVERSE_TERMS, INVERSE_FLIP)
         for g in gl.static_range(K // 4):
             x = _join_group(xs[4 * g], xs[4 * g + 1], xs[4 * g + 2], xs[4 * g + 3], M)

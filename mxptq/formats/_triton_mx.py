@@ -290,7 +290,8 @@ def _fake_quantize_tile(x, MODE: tl.constexpr, QMAX_LOG2: tl.constexpr,
 def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
                             CODE_MAX_POS: tl.constexpr, CODE_MAX_NEG: tl.constexpr,
                             ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
-                            ELEM_MAX: tl.constexpr, OUT_IO: tl.constexpr = 0, WIDE: tl.constexpr = False):
+                            ELEM_MAX: tl.constexpr, OUT_IO: tl.constexpr = 0, WIDE: tl.constexpr = False,
+                            CLAMPS: tl.constexpr = 3):
     """`_fake_quantize_given_amax` in its fewest instructions: round x straight onto the block's
     grid, never dividing by the scale 2^code_exp. Valid for fp16 values (every block's code
     exponent c lies in [-126 - min(emin, 0), 88], |c| < 64), and with WIDE for bf16 values.
@@ -328,7 +329,14 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     its bounds per block; bf16's are bf16 values already (at most 7 significant bits, multiples
     of 2^c >= 2^-133, or inf), so nothing is rounded. What this cannot give is fp16's overflow to
     +-inf when Q rounds past 65504 (bf16's range is fp32's): the caller asks for fp16 only for
-    formats whose Q of an fp16 block never does (kernels._fp16_q_stays_finite)."""
+    formats whose Q of an fp16 block never does (kernels._fp16_q_stays_finite).
+
+    CLAMPS (integer elements): which clamp bounds can bind for this format and activation dtype,
+    bit 0 the lower, bit 1 the upper (kernels._int_clamps, checked on every magnitude of the
+    dtype). A bound that never binds is left out: under the tutorial rule a block's codes reach
+    -2^(b-1) at most, so the lower bound never binds (one min/max per element less);
+    under the symmetric rule neither binds. Minifloats keep both: their bounds are also what
+    turns a non-finite block NaN."""
     sign_bit = bits & (-2147483648)
     if WIDE:
         shift = tl.where(code_exp > 88, -64, tl.where(code_exp < -100, 64, 0))
@@ -346,7 +354,11 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     if OUT_IO == 1:  # (bf16 needs nothing: its bounds are bf16 values already, see above)
         low = low.to(tl.float16).to(tl.float32)
         high = high.to(tl.float16).to(tl.float32)
-    t = tl.minimum(tl.maximum(x, low), high)
+    t = x
+    if CLAMPS & 1 or not IS_INT:
+        t = tl.maximum(t, low)
+    if CLAMPS & 2 or not IS_INT:
+        t = tl.minimum(t, high)
     if IS_INT:
         magic = tl.where(nonfinite, float("nan"), _pow2(bounded + 23) * 1.5)
         if WIDE:
@@ -377,7 +389,8 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
                               CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr,
                               ELEM_MAN_BITS: tl.constexpr, ELEM_MAX: tl.constexpr,
                               AT_QUANTUM: tl.constexpr = False, LEAN: tl.constexpr = False,
-                              OUT_IO: tl.constexpr = 0, WIDE: tl.constexpr = False):
+                              OUT_IO: tl.constexpr = 0, WIDE: tl.constexpr = False,
+                              CLAMPS: tl.constexpr = 3):
     """The block-NaN fake-quantization of `_fake_quantize_tile` for any tile shape: amax_bits
     holds each element's block amax bit pattern (|x| bits maximized over the block), in a shape
     that broadcasts against x with singleton block axes, so per-block work stays per block.
@@ -389,7 +402,8 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
 
     AT_QUANTUM: x is never scaled at all (`_round_at_block_quantum`, fewer instructions still,
     the same values), for fp16 values, or bf16 values with WIDE. OUT_IO (with AT_QUANTUM): the
-    result is already Q(x) rounded to that IO dtype (see `_round_at_block_quantum`)."""
+    result is already Q(x) rounded to that IO dtype; CLAMPS: the integer clamp bounds that can
+    bind (see `_round_at_block_quantum`)."""
     bits = x.to(tl.int32, bitcast=True)
     sign_bit = bits & (-2147483648)
     nonfinite = amax_bits >= 0x7F800000
@@ -401,7 +415,7 @@ def _fake_quantize_given_amax(x, amax_bits, MODE: tl.constexpr, QMAX_LOG2: tl.co
     code_exp = shared_exp + CODE_SHIFT
     if AT_QUANTUM:
         return _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT, CODE_MAX_POS,
-                                       CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, OUT_IO, WIDE)
+                                       CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX, OUT_IO, WIDE, CLAMPS)
     # 2^-code_exp and 2^code_exp, each as two normal factors (see _mul_pow2)
     down_lo = (-code_exp) >> 1
     down_1 = _pow2(down_lo)

@@ -816,16 +816,49 @@ def _fp16_q_stays_finite(fmt) -> bool:
     # Blocks of two whatever the format's size (the scale rule depends on the amax only): both
     # signs are needed, an integer code range such as -8..7 is uneven.
     pair = replace(fmt, block_size=2)
-    magnitudes = torch.arange(1, 0x7C00, dtype=torch.int16).view(torch.float16).float()
+    magnitudes = _finite_magnitudes(torch.float16)
     blocks = torch.stack([magnitudes, -magnitudes], dim=1)
     return bool((quantize_reference(blocks, pair).abs() <= 65504.0).all())
+
+
+def _finite_magnitudes(dtype: torch.dtype) -> torch.Tensor:
+    """Every positive finite value of a 16-bit dtype, as fp32 (ascending)."""
+    top = 0x7C00 if dtype == torch.float16 else 0x7F80  # the bit pattern of +inf
+    return torch.arange(1, top, dtype=torch.int16).view(dtype).float()
+
+
+@functools.lru_cache(maxsize=64)
+def _int_clamps(fmt, dtype: torch.dtype) -> int:
+    """CLAMPS of the Gluon kernels (`_triton_mx._round_at_block_quantum`): which of an integer
+    format's clamp bounds can bind on blocks of this 16-bit dtype, bit 0 the lower
+    (-code_max_neg), bit 1 the upper (+code_max_pos); 3 (both) for minifloats and fp32.
+
+    Checked on every positive finite magnitude a of the dtype as a block's amax: the block's codes
+    lie within +-round_half_even(a / 2^(scale_exp + code_shift)), with scale_exp from the
+    reference's rule (`scale_exp_from_amax`), and a bound binds iff that code passes it. The
+    tutorial rule gives 3 - 1 = 2 (codes reach -2^(b-1), never below); the symmetric rule 0
+    where no scale is clamped at 2^127."""
+    from mxptq.formats.mx import scale_exp_from_amax  # here: mx imports this module
+
+    spec = _spec_for(fmt)[0]
+    if spec is None or not spec.is_int or dtype not in (torch.float16, torch.bfloat16):
+        return 3
+    amax = _finite_magnitudes(dtype)
+    exponent = scale_exp_from_amax(amax, fmt).double() + spec.code_shift
+    codes = torch.round(amax.double() * torch.exp2(-exponent))  # exact in float64; half to even
+    return int(bool((codes > spec.code_max_neg).any())) | 2 * int(bool((codes > spec.code_max_pos).any()))
+
+
+def _quantum_constexprs(dtype: torch.dtype, entry: _FormatEntry) -> dict:
+    """OUT_IO and CLAMPS of the Gluon kernels' rounding at the block quantum."""
+    return {"OUT_IO": _out_io(dtype, entry), "CLAMPS": _int_clamps(entry.fmt, dtype)}
 
 
 def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry) -> dict:
     """Every constexpr of `_gluon_mx.mx_walsh_rotated_kernel` (compiled GPU code only: bf16
     loads and stores as bf16, see _triton_mx.IO_BF16_NATIVE)."""
     io = _compiled_io(dtype)
-    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, OUT_IO=_out_io(dtype, entry))
+    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, **_quantum_constexprs(dtype, entry))
 
 
 def _out_io(dtype: torch.dtype, entry: _FormatEntry) -> int:
@@ -936,7 +969,7 @@ def _kron_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, ent
     return dict(plan, EVEN=even, K=kron.k, MIX_GROUP=kron.mix_group, FORWARD_TERMS=kron.forward_terms,
                 FORWARD_FLIP=kron.forward_flip, INVERSE_TERMS=kron.inverse_terms, INVERSE_FLIP=kron.inverse_flip,
                 IO=io, BLOCK=block,
-                **entry.constexprs, OUT_IO=_out_io(dtype, entry))
+                **entry.constexprs, **_quantum_constexprs(dtype, entry))
 
 
 def _kron_setting(dtype: torch.dtype, n: int) -> tuple[int, int, int, int]:
@@ -996,7 +1029,7 @@ def _kron_tc_constexprs(plan: dict, dtype: torch.dtype, block: int, entry: _Form
     """Every constexpr of `_gluon_kron_tc.mx_kron_tc_rotated_kernel` (compiled GPU code only;
     it masks every tile, so whole and ragged tiles share one variant)."""
     return dict(plan, K=kron.k, STAGES=stages, IO=_compiled_io(dtype), BLOCK=block, **entry.constexprs,
-                OUT_IO=_out_io(dtype, entry))
+                **_quantum_constexprs(dtype, entry))
 
 
 # (A kron plan, device, dtype) -> A and A' as the tensor-core kron kernel's MMA B operands there.

@@ -385,7 +385,7 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
                            CODE_SHIFT: tl.constexpr, IS_INT: tl.constexpr, CODE_MAX_POS: tl.constexpr,
                            CODE_MAX_NEG: tl.constexpr, ELEM_EMIN: tl.constexpr, ELEM_MAN_BITS: tl.constexpr,
                            ELEM_MAX: tl.constexpr, NONFINITE: tl.constexpr, OUT_IO: tl.constexpr = 0,
-                           WIDE: tl.constexpr = False):
+                           WIDE: tl.constexpr = False, CLAMPS: tl.constexpr = 3):
         offsets = tl.arange(0, GROUP)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         x = tl.load(x_ptr + offsets)
         # the Walsh kernel's block amax: a float max of |x| (all of a block is finite or none is)
@@ -393,7 +393,8 @@ if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1":
         y = _triton_mx._fake_quantize_given_amax(x, amax_bits, MODE, QMAX_LOG2, QMAX_SIGNIFICAND, SHARED_OFFSET,
                                                  SHARED_MIN, SHARED_MAX, ZERO_SHARED, CODE_SHIFT, IS_INT,
                                                  CODE_MAX_POS, CODE_MAX_NEG, ELEM_EMIN, ELEM_MAN_BITS, ELEM_MAX,
-                                                 AT_QUANTUM=AT_QUANTUM, LEAN=LEAN, OUT_IO=OUT_IO, WIDE=WIDE)
+                                                 AT_QUANTUM=AT_QUANTUM, LEAN=LEAN, OUT_IO=OUT_IO, WIDE=WIDE,
+                                                 CLAMPS=CLAMPS)
         tl.store(y_ptr + offsets, y)
 
 
@@ -421,21 +422,23 @@ def _dtype_blocks(block: int, dtype: torch.dtype = torch.float16) -> torch.Tenso
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
 @pytest.mark.parametrize("at_quantum", [False, True], ids=["lean", "at-quantum"])
 def test_walsh_kernels_fp16_quantizer_equals_the_reference_bit_for_bit(fmt: Format, at_quantum: bool) -> None:
+    """At the block quantum with the clamp bounds the dispatch keeps for fp16 (`_int_clamps`)."""
     x = _dtype_blocks(32).to(DEVICE)
-    y = _given_amax(x, fmt, at_quantum=at_quantum)
+    y = _given_amax(x, fmt, at_quantum=at_quantum, clamps=kernels._int_clamps(fmt, torch.float16))
     ref = quantize_reference(x, fmt)
     _assert_same(y, ref, f"{_ids(fmt)} at_quantum={at_quantum}")
     same_sign = torch.signbit(y) == torch.signbit(ref)
     assert bool((same_sign | ref.isnan()).all()), "a zero's sign differs from the reference"
 
 
-def _given_amax(x: torch.Tensor, fmt: Format, at_quantum: bool, out_io: int = 0, wide: bool = False) -> torch.Tensor:
-    """The rotated kernels' quantizer on x's blocks: AT_QUANTUM (with OUT_IO, WIDE), or else the
-    LEAN general path."""
+def _given_amax(x: torch.Tensor, fmt: Format, at_quantum: bool, out_io: int = 0, wide: bool = False,
+                clamps: int = 3) -> torch.Tensor:
+    """The rotated kernels' quantizer on x's blocks: AT_QUANTUM (with OUT_IO, WIDE, CLAMPS), or
+    else the LEAN general path."""
     y = torch.empty_like(x)
     for start in range(0, x.shape[0], 8):
         _given_amax_kernel[(1,)](x[start:start + 8], y[start:start + 8], BLOCK=32, GROUP=8,
-                                 AT_QUANTUM=at_quantum, LEAN=True, OUT_IO=out_io, WIDE=wide,
+                                 AT_QUANTUM=at_quantum, LEAN=True, OUT_IO=out_io, WIDE=wide, CLAMPS=clamps,
                                  **kernels._format_entry(fmt).constexprs)
     return y
 
@@ -454,7 +457,7 @@ def test_walsh_kernels_fp16_out_equals_the_reference_rounded_to_fp16(fmt: Format
         blocks = torch.cat([magnitudes, -magnitudes])[:, None].expand(-1, fmt.block_size)
         assert float(quantize_reference(blocks, fmt).abs().max()) > 65504.0
         return
-    y = _given_amax(x, fmt, at_quantum=True, out_io=_triton_mx.IO_FP16)
+    y = _given_amax(x, fmt, at_quantum=True, out_io=_triton_mx.IO_FP16, clamps=kernels._int_clamps(fmt, torch.float16))
     expected = ref.to(torch.float16).float()
     _assert_same(y, expected, f"{_ids(fmt)} OUT_IO fp16")
     assert bool(((torch.signbit(y) == torch.signbit(expected)) | expected.isnan()).all())
@@ -480,6 +483,30 @@ def test_fp16_q_stays_finite_against_hand_computed_tops() -> None:
     assert not kernels._fp16_q_stays_finite(single)
 
 
+def test_int_clamps_follow_the_scale_rules() -> None:
+    """Which integer clamp bounds can bind (kernels._int_clamps: bit 0 lower, bit 1 upper), from
+    the rules' definitions (spec.ScaleRule): the tutorial rule's codes stay within +-2^(b-1) of a
+    block amax below 2^e, so only the upper bound (2^(b-1) - 1) binds; the symmetric rule picks
+    the smallest scale that holds amax, so neither binds, except in bf16, whose largest values
+    need a scale above the E8M0 maximum 2^127; the OCP rule (floor(log2 amax) - emax) overshoots
+    both symmetric bounds. Minifloats keep both (their bounds make NaN blocks NaN)."""
+    fp16, bf16 = torch.float16, torch.bfloat16
+    for bits in (2, 3, 4, 8):
+        tutorial, symmetric, ocp = (Format(ELEMENT_FORMATS[f"int{bits}"], 32, rule)
+                                    for rule in (ScaleRule.TUTORIAL, ScaleRule.SYMMETRIC, ScaleRule.OCP))
+        assert [kernels._int_clamps(tutorial, dtype) for dtype in (fp16, bf16)] == [2, 2], bits
+        assert [kernels._int_clamps(symmetric, dtype) for dtype in (fp16, bf16)] == [0, 3], bits
+        assert [kernels._int_clamps(ocp, dtype) for dtype in (fp16, bf16)] == [3, 3], bits
+    for name in ("e2m1", "e4m3"):
+        assert kernels._int_clamps(Format(ELEMENT_FORMATS[name], 32), fp16) == 3
+    assert kernels._int_clamps(Format(ELEMENT_FORMATS["int4"], 32), torch.float32) == 3
+    # the bf16 exception: int4's symmetric top is 7/4 * 2^127 < bf16's largest value, so a block
+    # holding that value clips on both sides
+    top = torch.finfo(torch.bfloat16).max
+    q = quantize_reference(torch.tensor([[top, -top]]), Format(ELEMENT_FORMATS["int4"], 2, ScaleRule.SYMMETRIC))
+    assert q[0].tolist() == [1.75 * 2.0**127, -1.75 * 2.0**127]
+
+
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=_ids)
 def test_walsh_kernels_bf16_quantizer_is_exact_at_every_scale(fmt: Format) -> None:
     """WIDE (the rotated kernels on bf16 tiles): rounding straight at the block quantum, with
@@ -498,10 +525,11 @@ def test_walsh_kernels_bf16_quantizer_is_exact_at_every_scale(fmt: Format) -> No
         "the data should hold blocks on both sides of the scaled range"
     assert bool(((amax < 2.0**-127) & (amax > 0)).any()), "and blocks of bf16 subnormals"
     ref = quantize_reference(x, fmt)
-    y = _given_amax(x, fmt, at_quantum=True, wide=True)
+    clamps = kernels._int_clamps(fmt, torch.bfloat16)
+    y = _given_amax(x, fmt, at_quantum=True, wide=True, clamps=clamps)
     _assert_same(y, ref, f"{_ids(fmt)} WIDE")
     assert bool(((torch.signbit(y) == torch.signbit(ref)) | ref.isnan()).all())
-    y = _given_amax(x, fmt, at_quantum=True, out_io=_triton_mx.IO_BF16_NATIVE, wide=True)
+    y = _given_amax(x, fmt, at_quantum=True, out_io=_triton_mx.IO_BF16_NATIVE, wide=True, clamps=clamps)
     expected = ref.to(torch.bfloat16).float()
     _assert_same(y, expected, f"{_ids(fmt)} WIDE, OUT_IO bf16")
     assert bool(((torch.signbit(y) == torch.signbit(expected)) | expected.isnan()).all())
