@@ -28,7 +28,7 @@ blocks beyond fp32's normal range at a 2^-+64 scale, WIDE, so no tile branches),
 comes out as a value of the activation dtype through clamp bounds rounded to it (OUT_IO: bf16
 always, fp16 where the format's Q cannot overflow fp16); fp32 tiles take the general path.
 
-Cost of the Walsh kernel: 41-48 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 2 log2 n of
+Cost of the Walsh kernel: 40.6-46.9 SASS instructions per element on sm_90 (n = 2048..8192, fp16 MXINT4; 2 log2 n of
 them the butterfly adds; `scripts/count_sass_walsh.py`, benchmarks/walsh_sass.md). On the H100
 the transform alone ran near copy speed and the quantizer's instructions set the time
 (benchmarks/h100/walsh_prototype.md, benchmarks/walsh_sass.md).
