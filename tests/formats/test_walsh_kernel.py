@@ -283,6 +283,33 @@ def test_walsh_kernel_bit_exact_on_blocks_of_extreme_scale(dtype, fmt) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n", [2048, 8192])
+def test_walsh_kernel_fp16_blocks_quantized_past_fp16(n) -> None:
+    """fp16 MXINT4 under the tutorial rule quantizes a block value of -61440 or below to -65536,
+    inf in fp16 (the reference's Q is rounded to fp16). The kernel rounds Q straight through its
+    clamp bounds (OUT_IO) and rounds a tile's Q per element only where a block reaches
+    OVERFLOW_AMAX: rows whose rotation holds such a value must come out as the reference's
+    inf / NaN rows, bit for bit, next to ordinary rows of the same tile and of other tiles."""
+    fmt = FORMATS[0]  # int4, tutorial rule
+    assert kernels._walsh_quantum_constexprs(torch.float16, kernels._format_entry(fmt))["OVERFLOW_AMAX"] == 61440.0
+    rotation = hadamard.get_rotation(n)
+    x = sample_rows(64, n, torch.float16, seed=3)
+    # rows x = H y (H is its own inverse), so that H x holds y's large values up to fp16 rounding
+    y = torch.zeros(3, n, dtype=torch.float64)
+    y[:, 9] = -65000.0  # quantizes to -65536: -inf
+    y[1, 100] = 64000.0  # (positive values saturate at 7 * 2^13)
+    y[2, 77] = -62000.0
+    y[:, 200:300] = torch.linspace(-3000.0, 3000.0, 100, dtype=torch.float64)
+    x[[1, 2, 41]] = rotation.forward(y).to(torch.float16).cuda()
+    ref = reference(x, fmt, rotation)
+    finite = ref.isfinite().all(dim=1).tolist()
+    assert [row for row, ok in enumerate(finite) if not ok] == [1, 2, 41], "the overflow should reach those rows only"
+    _assert_bit_exact(kernels.rotated_fake_quantize(x, fmt, rotation), ref, f"n={n}")
+    assert _ran_walsh(fmt, n, torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_walsh_kernel_one_program_loops_over_every_tile(monkeypatch) -> None:
     """A grid of one persistent program walks all tiles (the loop, not just the first tile),
     and the second call goes through the compiled-kernel launch path."""
