@@ -887,7 +887,8 @@ def _out_io(dtype: torch.dtype, entry: _FormatEntry) -> int:
     """OUT_IO of the Gluon kernels: the IO code whose dtype Q's output is rounded to through the
     clamp bounds, so that no element needs rounding (1.5 SASS instructions per element: a pack
     and an unpack); 0 where each result is rounded. bf16 always; fp16 where the format allows
-    (`_fp16_q_stays_finite`); fp32 needs no rounding."""
+    (`_fp16_q_stays_finite`; the Walsh kernel also elsewhere, `_walsh_quantum_constexprs`);
+    fp32 needs no rounding."""
     if dtype == torch.bfloat16 or (dtype == torch.float16 and _fp16_q_stays_finite(entry.fmt)):
         return _compiled_io(dtype)
     return 0
