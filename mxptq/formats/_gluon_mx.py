@@ -125,7 +125,6 @@ def mx_walsh_rotated_kernel(
     CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
     ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, NONFINITE: gl.constexpr,
     OUT_IO: gl.constexpr, LANE_STAGE: gl.constexpr, LANE_ASM: gl.constexpr, CLAMPS: gl.constexpr = 3,
-    OVERFLOW_AMAX: gl.constexpr = 0.0,
 ):
     """y = H^T Q(H x) for every row of a row-major [n_rows, 2^LOG_N] tensor, H = H_2^L / sqrt(n)
     (Sylvester order, symmetric: the inverse is the same transform), one read and one write.
@@ -164,23 +163,9 @@ def mx_walsh_rotated_kernel(
         x = gl.reshape(q, (M,))
         if OUT_IO == 0:  # (else q is already Q(x) rounded to the activation dtype)
             x = _mx._round_through_io(x, IO)
-        elif OVERFLOW_AMAX > 0.0:  # noqa: SIM102 - a compile-time test around a runtime branch
-            # Q of a block whose amax reaches OVERFLOW_AMAX can pass the dtype's largest value
-            # (fp16 MXINT4, tutorial rule: -65504 -> -65536): OUT_IO cannot give the reference's
-            # inf there, so a tile holding such a block rounds each value (rare; one tile-wide max)
-            if gl.max(amax, axis=0) >= OVERFLOW_AMAX:
-                x = _round_through_fp16_branch(x)
         x = _walsh(x, S0, S1, S2, S3, E0, E1, E2, E3, N_STAGES, M, 0, LANE_STAGE, LANE_ASM)
         x = gl.convert_layout(x, IO_LAYOUT)
         _mx._store_f32_fast(y_ptr + base + local, x * scale, mask, IO)
-
-
-@gluon.jit
-def _round_through_fp16_branch(x):
-    """x (fp32) rounded to fp16 and back, as asm the compiler must not speculate: as plain code,
-    the conversions of a rarely taken branch were hoisted and a select per element kept."""
-    return gl.inline_asm_elementwise("{ .reg .f16 h; cvt.rn.f16.f32 h, $1; cvt.f32.f16 $0, h; }", "=f,f", [x],
-                                     dtype=gl.float32, is_pure=False, pack=1)
 
 
 @gluon.jit

@@ -329,8 +329,7 @@ def _round_at_block_quantum(x, bits, nonfinite, code_exp, IS_INT: tl.constexpr,
     its bounds per block; bf16's are bf16 values already (at most 7 significant bits, multiples
     of 2^c >= 2^-133, or inf), so nothing is rounded. What this cannot give is fp16's overflow to
     +-inf when Q rounds past 65504 (bf16's range is fp32's): the caller asks for fp16 only for
-    formats whose Q of an fp16 block never does (kernels._fp16_q_stays_finite), or rounds the
-    rare tiles that can (the Walsh kernel's OVERFLOW_AMAX).
+    formats whose Q of an fp16 block never does (kernels._fp16_q_stays_finite).
 
     CLAMPS (integer elements): which clamp bounds can bind for this format and activation dtype,
     bit 0 the lower, bit 1 the upper (kernels._int_clamps, checked on every magnitude of the

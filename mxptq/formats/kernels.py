@@ -854,41 +854,18 @@ def _quantum_constexprs(dtype: torch.dtype, entry: _FormatEntry) -> dict:
     return {"OUT_IO": _out_io(dtype, entry), "CLAMPS": _int_clamps(entry.fmt, dtype)}
 
 
-@functools.lru_cache(maxsize=64)
-def _fp16_overflow_amax(fmt) -> float:
-    """The smallest fp16 block amax whose block the reference's Q can take past 65504 (to inf in
-    fp16), 0.0 where none can (`_fp16_q_stays_finite`). Q is monotonic in x for a given scale,
-    so a block overflows only if its +-amax does."""
-    from mxptq.formats.mx import quantize_reference  # here: mx imports this module
-
-    magnitudes = _finite_magnitudes(torch.float16)
-    blocks = torch.stack([magnitudes, -magnitudes], dim=1)
-    over = (quantize_reference(blocks, replace(fmt, block_size=2)).abs() > 65504.0).any(dim=1)
-    return float(magnitudes[over].min()) if bool(over.any()) else 0.0
-
-
-def _walsh_quantum_constexprs(dtype: torch.dtype, entry: _FormatEntry) -> dict:
-    """`_quantum_constexprs` of the Walsh kernel: fp16 formats whose Q can overflow fp16 take
-    OUT_IO as well, with OVERFLOW_AMAX (the tile-wide check that rounds Q where it must)."""
-    consts = _quantum_constexprs(dtype, entry)
-    if dtype == torch.float16 and consts["OUT_IO"] == 0:
-        consts.update(OUT_IO=_compiled_io(dtype), OVERFLOW_AMAX=_fp16_overflow_amax(entry.fmt))
-    return consts
-
-
 def _walsh_constexprs(plan: dict, even: bool, dtype: torch.dtype, block: int, entry: _FormatEntry) -> dict:
     """Every constexpr of `_gluon_mx.mx_walsh_rotated_kernel` (compiled GPU code only: bf16
     loads and stores as bf16, see _triton_mx.IO_BF16_NATIVE)."""
     io = _compiled_io(dtype)
-    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, **_walsh_quantum_constexprs(dtype, entry))
+    return dict(plan, EVEN=even, IO=io, BLOCK=block, **entry.constexprs, **_quantum_constexprs(dtype, entry))
 
 
 def _out_io(dtype: torch.dtype, entry: _FormatEntry) -> int:
     """OUT_IO of the Gluon kernels: the IO code whose dtype Q's output is rounded to through the
     clamp bounds, so that no element needs rounding (1.5 SASS instructions per element: a pack
     and an unpack); 0 where each result is rounded. bf16 always; fp16 where the format allows
-    (`_fp16_q_stays_finite`; the Walsh kernel also elsewhere, `_walsh_quantum_constexprs`);
-    fp32 needs no rounding."""
+    (`_fp16_q_stays_finite`); fp32 needs no rounding."""
     if dtype == torch.bfloat16 or (dtype == torch.float16 and _fp16_q_stays_finite(entry.fmt)):
         return _compiled_io(dtype)
     return 0
