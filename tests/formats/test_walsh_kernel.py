@@ -182,6 +182,8 @@ def _assert_bit_exact(got, ref, what) -> None:
     assert got is not None, f"{what}: not covered"
     same = (got == ref) | (got.isnan() & ref.isnan())
     assert bool(same.all()), f"{what}: {int((~same).sum())} of {same.numel()} elements differ"
+    # bit for bit includes the sign of zero (== takes -0.0 for +0.0)
+    assert torch.equal(torch.signbit(got[got == 0]), torch.signbit(ref[ref == 0])), f"{what}: a zero's sign differs"
 
 
 @pytest.mark.cuda
