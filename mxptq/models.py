@@ -302,6 +302,9 @@ def _hf_progress_bars(enabled: bool) -> Iterator[None]:
     mxptq's progress policy so --quiet, CI and batch jobs get clean stderr. Its GGUF reader calls
     tqdm directly, past transformers' own switch (5.17-5.24), so while disabled that module's
     `tqdm` is a disabled one, put back afterwards."""
+    if enabled:
+        yield
+        return
     from transformers.utils import logging as hf_logging
 
     try:
@@ -310,19 +313,17 @@ def _hf_progress_bars(enabled: bool) -> Iterator[None]:
         gguf_reader = None
     reader_tqdm = getattr(gguf_reader, "tqdm", None)
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        if was_enabled:
-            hf_logging.disable_progress_bar()
-        if reader_tqdm is not None:
-            gguf_reader.tqdm = functools.partial(reader_tqdm, disable=True)
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    if reader_tqdm is not None:
+        gguf_reader.tqdm = functools.partial(reader_tqdm, disable=True)
     try:
         yield
     finally:
-        if not enabled:
-            if was_enabled:
-                hf_logging.enable_progress_bar()
-            if reader_tqdm is not None:
-                gguf_reader.tqdm = reader_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if reader_tqdm is not None:
+            gguf_reader.tqdm = reader_tqdm
 
 
 def _file_sha256(path: Path) -> str:
