@@ -129,7 +129,7 @@ def _quantize_tile(x, scale, MT: gl.constexpr, NC: gl.constexpr, QSPLIT: gl.cons
                    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
                    CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
                    ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, OUT_IO: gl.constexpr,
-                   CLAMPS: gl.constexpr = 3):
+                   CLAMPS: gl.constexpr):
     """Q(round(scale * x)) rounded to the activation dtype, for an accumulator tile [MT, NC]:
     regrouped as [blocks, BLOCK] (QSPLIT/QORDER, the block's index bits last), quantized by the
     Walsh kernel's exact MX math (`_triton_mx._fake_quantize_given_amax`), regrouped back."""

@@ -231,7 +231,7 @@ def _quantize_kron(xs, scale, K: gl.constexpr, LOG_P: gl.constexpr, M: gl.conste
                    ZERO_SHARED: gl.constexpr, CODE_SHIFT: gl.constexpr, IS_INT: gl.constexpr,
                    CODE_MAX_POS: gl.constexpr, CODE_MAX_NEG: gl.constexpr, ELEM_EMIN: gl.constexpr,
                    ELEM_MAN_BITS: gl.constexpr, ELEM_MAX: gl.constexpr, OUT_IO: gl.constexpr,
-                   CLAMPS: gl.constexpr = 3):
+                   CLAMPS: gl.constexpr):
     """Q(round(scale * x)) rounded to the activation dtype, for every k-slice of the tile. A
     row's MX blocks are BLOCK consecutive elements: BLOCK / P consecutive slices when a block
     is longer than a slice (P = 2^LOG_P), else BLOCK consecutive elements of one slice."""
