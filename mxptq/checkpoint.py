@@ -72,6 +72,9 @@ HEADER_KEY = "mxptq"
 CODES_SUFFIX = ".weight.codes"
 SCALE_SUFFIX = ".weight.scale_e8m0"
 _HADAMARD_MODULE = "mxptq.nn.hadamard"
+# ActQuantizer attributes that hold a rotation: rotation search's (undone after quantizing) and
+# the offline stage's fused one (folded into the weight; mxptq/stages/rotate.py).
+ROTATION_SLOTS = ("rotation", "fused_rotation")
 NON_PERSISTENT = "buffer_non_persistent"  # tensor kind of e.g. RoPE's inv_freq
 FP16_BYTES = 2  # the size reference of issue 8: "fp16 size" of a tensor is 2 bytes per element
 
@@ -448,20 +451,26 @@ def _collect_rotations(model: nn.Module) -> list[dict[str, Any]]:
     applied = []
     for module_name, module in model.named_modules():
         for attr, value in sorted(vars(module).items()):
-            rotation = getattr(value, "rotation", None) if _is_act_quantizer(value) else None
-            if rotation is None:
+            if not _is_act_quantizer(value):
                 continue
-            if not dataclasses.is_dataclass(rotation) or type(rotation).__module__ != _HADAMARD_MODULE:
-                raise CheckpointError(f"{module_name}.{attr}: rotation of type {type(rotation).__name__} "
-                                      f"cannot be saved; allowed: rotations from {_HADAMARD_MODULE}")
-            applied.append({
-                "module": module_name,
-                "attr": attr,
-                "class": type(rotation).__name__,
-                "fields": {f.name: _jsonable(getattr(rotation, f.name))
-                           for f in dataclasses.fields(rotation) if f.init},
-                "description": rotation.description,
-            })
+            for slot in ROTATION_SLOTS:
+                rotation = getattr(value, slot, None)
+                if rotation is None:
+                    continue
+                if not dataclasses.is_dataclass(rotation) or type(rotation).__module__ != _HADAMARD_MODULE:
+                    raise CheckpointError(f"{module_name}.{attr}: rotation of type {type(rotation).__name__} "
+                                          f"cannot be saved; allowed: rotations from {_HADAMARD_MODULE}")
+                entry = {
+                    "module": module_name,
+                    "attr": attr,
+                    "class": type(rotation).__name__,
+                    "fields": {f.name: _jsonable(getattr(rotation, f.name))
+                               for f in dataclasses.fields(rotation) if f.init},
+                    "description": rotation.description,
+                }
+                if slot != "rotation":  # entries written before issue 22 have no slot
+                    entry["slot"] = slot
+                applied.append(entry)
     return applied
 
 
@@ -752,8 +761,11 @@ def _apply_rotations(model: nn.Module, rotations: list[dict[str, Any]]) -> None:
             raise CheckpointError(f"rotation for {where}: no such quantizer in the rebuilt model") from None
         if not _is_act_quantizer(quantizer):
             raise CheckpointError(f"rotation for {where}: not an activation quantizer")
+        slot = entry.get("slot", "rotation")
+        if slot not in ROTATION_SLOTS:
+            raise CheckpointError(f"rotation for {where}: unknown slot {slot!r}; allowed: {', '.join(ROTATION_SLOTS)}")
         try:
-            quantizer.rotation = cls(**entry["fields"])
+            setattr(quantizer, slot, cls(**entry["fields"]))
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"rotation for {where}: {_one_line(exc)}") from None
 

@@ -2,7 +2,7 @@
 
 Data flows one way (DESIGN.md "The pipeline"):
 
-    recipe ─► load model ─► [eval fp] ─► gptq ─► transform (RTN) ─► rotsearch ─► save ─► eval ─► report
+    recipe ─► load model ─► [eval fp] ─► rotate ─► gptq ─► transform (RTN) ─► rotsearch ─► save ─► eval ─► report
 
 Each stage is a plain function ``stage(model, recipe, ctx) -> model`` (mxptq/stages/); this module
 owns loading, the data source, the output directory and the report, so no stage does. The CLI
@@ -95,10 +95,15 @@ def _evaluate(model: Any, recipe: Recipe, ctx: RunContext, name: str) -> dict[st
 
 
 def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
-    """gptq -> transform -> rotsearch, each timed in the report (the transform stage records its
+    """rotate -> gptq -> transform -> rotsearch, each timed in the report (the transform stage records its
     own time with its summary)."""
     from mxptq.stages.transform import quantize_model
 
+    if recipe.rotation is not None:
+        from mxptq.stages.rotate import run_rotation
+
+        with ctx.report.stage("rotate"):
+            model = run_rotation(model, recipe, ctx)
     if _needs_gptq(recipe):
         from mxptq.stages.gptq import run_gptq
 

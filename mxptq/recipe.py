@@ -8,6 +8,7 @@ unchanged) plus our optional sections. Top level:
     ['<selector>'.kv_cache]                   any of qk_matmul/av_matmul/softmax/rope/kv_cache
                                               makes ['<selector>'] an attention selector
     [gptq] + [gptq.weight_config]             MX-aware GPTQ (tutorial keys + ours)
+    [rotation]                                offline rotations folded into the weights (ours)
     [rotation_search]                         greedy online-Hadamard search (tutorial keys + ours)
     [model] [data] [eval] [output] [formats]  ours, all optional
 
@@ -67,7 +68,9 @@ Dtype = Literal["float16", "bfloat16", "float32", "auto"]
 Split = Literal["train", "validation", "test"]
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 DEVICE_ALLOWED = "auto, cpu, mps, cuda, cuda:N"
-RESERVED_TABLES = ("gptq", "rotation_search", "model", "data", "eval", "output", "formats")
+RESERVED_TABLES = ("gptq", "rotation", "rotation_search", "model", "data", "eval", "output", "formats")
+# Linears whose input an online rotation can be fused into (issue 22: [rotation] online).
+OnlineLinear = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOP_LEVEL_KEYS = ("by", *RESERVED_TABLES)
 DEFAULT_OUTPUT_ROOT = Path("mxptq_output")
 
@@ -228,6 +231,24 @@ class RotationSearchConfig(_Table):
     split: Split | None = None  # None = [data].calib_split
 
 
+class RotationConfig(_Table):
+    """`[rotation]` (ours, issue 22 / config D): rotations folded into the weights before GPTQ.
+
+    residual: R1 -- fold every RMSNorm scale into the linears that read it, untie tied
+        embeddings, rotate the residual stream by a random-sign Hadamard matrix (QuaRot R1).
+    heads: R2 -- rotate each attention head's values (v_proj rows, o_proj columns) by a
+        random-sign Hadamard matrix of head_dim (QuaRot R2).
+    online: linears whose input is rotated at run time by a Hadamard H with Hᵀ folded into their
+        weight (QuaRot's online down_proj rotation): GPTQ then quantizes W Hᵀ on inputs H x.
+    seed: the random signs (one generator, drawn in a fixed order).
+    """
+
+    residual: StrictBool = True
+    heads: StrictBool = True
+    online: list[OnlineLinear] = Field(default_factory=lambda: ["down_proj"])
+    seed: StrictInt = 0
+
+
 class ModelConfig(_Table):
     """`[model]`. name: HF id | local dir | .gguf file | "smollm2-135m" (the demo model)."""
 
@@ -335,6 +356,7 @@ class Recipe(_Table):
     by: SelectBy = "regex_name"
     selectors: list[Selector] = Field(default_factory=list)
     gptq: GptqConfig | None = None
+    rotation: RotationConfig | None = None
     rotation_search: RotationSearchConfig | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -756,7 +778,7 @@ class _Parser:
         sections: dict[str, Any] = {}
         for name, cls in (("formats", FormatsConfig), ("model", ModelConfig), ("data", DataConfig),
                           ("eval", EvalConfig), ("output", OutputConfig),
-                          ("rotation_search", RotationSearchConfig)):
+                          ("rotation", RotationConfig), ("rotation_search", RotationSearchConfig)):
             if name in raw:
                 sections[name] = self.table(cls, raw[name], (name,))
         formats: FormatsConfig = sections.get("formats", FormatsConfig())

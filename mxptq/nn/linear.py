@@ -32,6 +32,10 @@ from mxptq.nn.quantizer import ActQuantizer, SharedInputCache
 
 GPTQ_FORMAT_ATTR = "_mxptq_gptq_fmt"
 GPTQ_SCALE_EXP_ATTR = "_mxptq_gptq_scale_exp"
+# Set by the offline rotation stage (mxptq/stages/rotate.py) on an `nn.Linear` whose weight it
+# replaced by W Rᵀ: the Rotation R its input must go through (there a forward pre-hook; here the
+# input quantizer's `fused_rotation`).
+INPUT_ROTATION_ATTR = "_mxptq_input_rotation"
 
 
 class MXLinear(nn.Module):
@@ -59,7 +63,9 @@ class MXLinear(nn.Module):
         self.bias_fmt: Format | None = None if bypass else getattr(config, "bias", None)
         # input_cache: F.linear never modifies its input, so q/k/v (gate/up) may share one result.
         self.input_quantizer = ActQuantizer(
-            None if bypass else getattr(config, "data_in", None), input_cache=input_cache
+            None if bypass else getattr(config, "data_in", None),
+            input_cache=input_cache,
+            fused_rotation=getattr(linear, INPUT_ROTATION_ATTR, None),
         )
         self.weight_source = "float"
 

@@ -89,17 +89,29 @@ class ActQuantizer:
     `rotation.inverse(quantize(rotation.forward(x), fmt))` once rotation search sets `.rotation`.
 
     A rotation without a format is meaningless (it would cancel out), so it is ignored when
-    bypassed. Quantizers given the same `input_cache` share one result between consecutive calls
+    bypassed.
+
+    `fused_rotation` (issue 22, the `[rotation] online` linears): an input rotation R whose
+    inverse is folded into the consumer's weight (W Rᵀ), so it is *not* undone here:
+    q(x) = quantize(R x) (or R x when bypassed -- the rotated weight needs the rotated input
+    whether or not it is quantized). It is applied before `rotation`, which rotation search
+    leaves unset on such inputs. Quantizers given the same `input_cache` share one result between consecutive calls
     on the same unchanged tensor with the same format and rotation (see SharedInputCache);
     `input_cache=None` never shares."""
 
-    __slots__ = ("fmt", "input_cache", "rotation")
+    __slots__ = ("fmt", "fused_rotation", "input_cache", "rotation")
 
     def __init__(
-        self, fmt: Format | None, rotation: Rotation | None = None, *, input_cache: SharedInputCache | None = None
+        self,
+        fmt: Format | None,
+        rotation: Rotation | None = None,
+        *,
+        input_cache: SharedInputCache | None = None,
+        fused_rotation: Rotation | None = None,
     ) -> None:
         self.fmt = fmt
         self.rotation = rotation
+        self.fused_rotation = fused_rotation
         # Only for consumers that never modify the quantized tensor in place (MXLinear: F.linear),
         # since the consumers of one shared result see the same tensor.
         self.input_cache = input_cache
@@ -110,6 +122,10 @@ class ActQuantizer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.fmt
+        if self.fused_rotation is not None:
+            # Not shared through the input cache: the rotated tensor is new on every call.
+            x = self.fused_rotation.forward(x)
+            return x if fmt is None else self._compute(x)
         if fmt is None:
             return x
         cache = self.input_cache
@@ -153,10 +169,10 @@ class ActQuantizer:
 
     def describe(self) -> str:
         """Short label for reprs and reports, e.g. "MXINT4(b32,tutorial)+walsh"."""
-        if self.fmt is None:
-            return "bypass"
-        label = self.fmt.label
-        return label if self.rotation is None else f"{label}+{self.rotation.kind}"
+        label = "bypass" if self.fmt is None else self.fmt.label
+        if self.fused_rotation is not None:
+            label = f"{self.fused_rotation.kind}(fused)->{label}"
+        return label if self.rotation is None or self.fmt is None else f"{label}+{self.rotation.kind}"
 
     def __repr__(self) -> str:
         return f"ActQuantizer({self.describe()})"

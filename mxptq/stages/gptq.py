@@ -106,7 +106,7 @@ def gptq_calibrate(
     cfg = recipe.gptq
     if cfg is None:
         raise RecipeError(f"{recipe.source_path or '<recipe>'}: [gptq] is missing; the GPTQ stage needs it")
-    prefix, layers = _decoder_layers(model)
+    prefix, layers = decoder_layers(model)
     per_layer, skipped = _gptq_linears(model, recipe, prefix, len(layers))
     settings = _Settings(
         device=_device(ctx, recipe),
@@ -332,7 +332,7 @@ def _run_on_device(layer: nn.Module, device: torch.device, work: Any) -> Any:
 # -- model structure and selectors ---------------------------------------------------------------
 
 
-def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, ModuleList) of the decoder layers: the longest ModuleList named *layers
     (Llama, Mistral, Qwen...) or *h (GPT-2 style)."""
     candidates = [
@@ -490,6 +490,9 @@ def _checkpoint_inputs(
     return {
         "model weights": fingerprint,
         "[gptq] section": gptq_section,
+        # The offline rotation changes the weights GPTQ starts from (the fingerprint is taken
+        # at load time, before it), and its seed changes them again.
+        "[rotation] section": None if recipe.rotation is None else recipe.rotation.model_dump(mode="json"),
         "gptq linears and their weight formats": {
             name: fmt.to_dict() for formats in per_layer for name, fmt in formats.items()
         },

@@ -124,6 +124,11 @@ def collect_candidates(model: nn.Module, matmul_types: list[str]) -> tuple[list[
             skipped[matmul_type] = "not present in the model"
             continue
         active = [(n, q, size) for n, q, size in sites if q is not None and q.fmt is not None]
+        fused = [site for site in active if getattr(site[1], "fused_rotation", None) is not None]
+        active = [site for site in active if getattr(site[1], "fused_rotation", None) is None]
+        if fused and not active:
+            skipped[matmul_type] = "input already rotated online with the rotation folded into the weight ([rotation] online)"
+            continue
         if not active:
             skipped[matmul_type] = (
                 "activation not quantized in any layer (bypassed or not selected): a rotation cannot change anything"
@@ -237,6 +242,7 @@ def search_inputs(recipe: Any, model: nn.Module, windows: torch.Tensor) -> dict[
         "selectors": data.get("selectors"),
         "gptq": gptq or None,
         "formats": data.get("formats"),
+        **({"rotation": data["rotation"]} if data.get("rotation") is not None else {}),
         "model": {k: model_section.get(k) for k in ("dtype", "attn_implementation")},
         "model_fingerprint": model_fingerprint(model),
         "calibration_windows_sha256": tensor_sha256(windows),
