@@ -90,6 +90,11 @@ BROKEN_RECIPES = {
     "27_mxfp_width_disagrees.toml":
         f"{MLP}.data_in_width] mxfp width 8 does not match 1 + exponent_width + frac_width = 4",
     "28_eval_cuda_graphs_not_boolean.toml": '[eval.cuda_graphs] expected true or false, got string "yes"',
+    "29_rotation_online_not_a_linear_type.toml":
+        '[rotation.online] "lm_head" is not allowed; allowed: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj',
+    "30_rotation_residual_not_boolean.toml": "[rotation.residual] expected true or false, got integer 1",
+    "31_rotation_unknown_key.toml": "[rotation.learned] unknown key; allowed: residual, heads, online, seed",
+    "32_rotation_seed_not_integer.toml": '[rotation.seed] expected an integer, got string "zero"',
 }
 
 
