@@ -44,7 +44,8 @@ END_MARKER = "<!-- END progression-table -->"
 
 # The steps of the tutorial's progression (tutorial configs A, B, C), in order.
 STEPS = ("A", "B", "C")
-STEP_LABELS = {"A": "A: RTN", "B": "B: + GPTQ", "C": "C: + rotation search"}
+STEP_LABELS = {"A": "A: RTN", "B": "B: + GPTQ", "C": "C: + rotation search",
+               "D": "D: rotated weights + GPTQ after rotation + search"}  # D: a table row, not plotted
 MXINT4, MXFP4, MXINT4_SYMMETRIC, FP = "MXINT4", "MXFP4", "MXINT4, symmetric rule", "fp"
 
 
@@ -64,6 +65,8 @@ CONFIGS: dict[str, ConfigSpec] = {
     "mxfp4_b_gptq": ConfigSpec(MXFP4, "B"),
     "mxfp4_c_rotsearch": ConfigSpec(MXFP4, "C"),
     "tutorial_a_symmetric": ConfigSpec(MXINT4_SYMMETRIC, "A"),
+    "d_mxint4": ConfigSpec(MXINT4, "D"),
+    "d_mxfp4": ConfigSpec(MXFP4, "D"),
 }
 # Stage columns of the table, in pipeline order; eval_* stages are summed into one column.
 STAGE_COLUMNS = ("load", "gptq", "transform", "rotsearch", "save")

@@ -15,6 +15,8 @@
 #   mxfp4_b_gptq          recipes/mxfp4_b_gptq.toml
 #   mxfp4_c_rotsearch     recipes/mxfp4_c_rotsearch.toml
 #   tutorial_a_symmetric  recipes/tutorial_a_symmetric.toml config A with the symmetric MXINT rule
+#   d_mxint4, d_mxfp4     recipes/d_*.toml                  config D (issue 22): [rotation] before
+#                         GPTQ, then rotation search (its own GPTQ checkpoint and cache)
 # then `mxptq report ... > DIR/summary.md` and `scripts/plot_progression.py DIR`
 # (DIR/progression.png, DIR/table.md). Each run's process wall time and exit status go to
 # DIR/<config>/process.tsv (so results of separate invocations can be merged by copying config
@@ -49,7 +51,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ALL_CONFIGS=(fp tutorial_a_rtn tutorial_b_gptq tutorial_c_rotsearch
-             mxfp4_a_rtn mxfp4_b_gptq mxfp4_c_rotsearch tutorial_a_symmetric)
+             mxfp4_a_rtn mxfp4_b_gptq mxfp4_c_rotsearch tutorial_a_symmetric d_mxint4 d_mxfp4)
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }

@@ -27,7 +27,8 @@ from mxptq.recipe import load_recipe
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "reproduce_tutorial.sh"
 ALL_CONFIGS = ["fp", "tutorial_a_rtn", "tutorial_b_gptq", "tutorial_c_rotsearch",
-               "mxfp4_a_rtn", "mxfp4_b_gptq", "mxfp4_c_rotsearch", "tutorial_a_symmetric"]
+               "mxfp4_a_rtn", "mxfp4_b_gptq", "mxfp4_c_rotsearch", "tutorial_a_symmetric",
+               "d_mxint4", "d_mxfp4"]
 SMOKE_CONFIGS = ["fp", "tutorial_a_rtn", "mxfp4_b_gptq", "mxfp4_c_rotsearch"]
 
 
