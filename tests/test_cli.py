@@ -26,7 +26,7 @@ LINEAR_KEYS = ("name, weight_block_size, weight_width, weight_exponent_width, we
                "data_in_block_size, data_in_width, data_in_exponent_width, data_in_frac_width, "
                "bias_block_size, bias_width, bias_exponent_width, bias_frac_width, scale_rule, bypass, gptq")
 OCP_PAIRS = "(2, 1) e2m1, (2, 3) e2m3, (3, 2) e3m2, (4, 3) e4m3, (5, 2) e5m2"  # OCP MX v1.0 Tables 1-2
-SECTIONS = "[gptq], [rotation_search], [model], [data], [eval], [output], [formats], or a selector table"
+SECTIONS = "[gptq], [rotation], [rotation_search], [model], [data], [eval], [output], [formats], or a selector table"
 
 # file -> the exact stderr line (after "error: <file>: ").
 BROKEN_RECIPES = {
@@ -59,7 +59,7 @@ BROKEN_RECIPES = {
     "13_misspelt_section.toml":
         f"[rotation_serach] unknown table (did you mean [rotation_search]?); allowed: {SECTIONS}",
     "14_unknown_top_level_key.toml":
-        "[byy] unknown key (did you mean 'by'?); allowed: by, gptq, rotation_search, model, data, eval, "
+        "[byy] unknown key (did you mean 'by'?); allowed: by, gptq, rotation, rotation_search, model, data, eval, "
         "output, formats, or a selector table",
     "15_gptq_without_weight_config.toml":
         "[gptq.weight_config] missing table [gptq.weight_config] (the weight format GPTQ targets); "
