@@ -13,6 +13,7 @@
 #     abl_rotation_gptq     [rotation] + GPTQ, no rotation search
 #     abl_r1_only           only R1 (heads = false, online = []) + GPTQ + rotation search
 #     abl_no_online         R1 + R2 (online = []) + GPTQ + rotation search
+#     abl_online_o_down     D with o_proj's input rotated online too (online = ["o_proj", "down_proj"])
 #   d_mxint4_reload         `mxptq eval-ppl --checkpoint OUT_DIR/d_mxint4/checkpoint`: the saved D
 #                           checkpoint evaluated again (same perplexity expected, bit for bit)
 # then OUT_DIR/summary.md (`mxptq report` over every report.json).
@@ -38,6 +39,7 @@ variants = {
     "abl_rotation_gptq": drop(base, "rotation_search"),
     "abl_r1_only": setkey(setkey(base, "heads", "false"), "online", "[]"),
     "abl_no_online": setkey(base, "online", "[]"),
+    "abl_online_o_down": setkey(base, "online", '["o_proj", "down_proj"]'),
 }
 for name, text in variants.items():
     (out / f"{name}.toml").write_text(f"# {name}: a variant of recipes/d_mxint4.toml (scripts/bench_config_d.sh)\n" + text)
@@ -51,7 +53,7 @@ run() {  # name, mxptq arguments...
 }
 run fp eval-ppl --model "$MODEL" "$@"
 for name in tutorial_c_rotsearch mxfp4_c_rotsearch d_mxint4 d_mxfp4 abl_rotation_rtn abl_rotation_gptq \
-            abl_r1_only abl_no_online; do
+            abl_r1_only abl_no_online abl_online_o_down; do
   run "$name" quantize "$OUT/recipes/$name.toml" --model "$MODEL" --no-fp-eval "$@"
 done
 run d_mxint4_reload eval-ppl --checkpoint "$OUT/d_mxint4/checkpoint" "$@"
