@@ -95,9 +95,11 @@ class ActQuantizer:
     inverse is folded into the consumer's weight (W Rᵀ), so it is *not* undone here:
     q(x) = quantize(R x) (or R x when bypassed -- the rotated weight needs the rotated input
     whether or not it is quantized). It is applied before `rotation`, which rotation search
-    leaves unset on such inputs. Quantizers given the same `input_cache` share one result between consecutive calls
-    on the same unchanged tensor with the same format and rotation (see SharedInputCache);
-    `input_cache=None` never shares."""
+    leaves unset on such inputs.
+
+    Quantizers given the same `input_cache` share one result between consecutive calls on the
+    same unchanged tensor with the same format and rotation (see SharedInputCache);
+    `input_cache=None` never shares (nor does a quantizer with a `fused_rotation`)."""
 
     __slots__ = ("fmt", "fused_rotation", "input_cache", "rotation")
 

@@ -123,23 +123,19 @@ def rotate_model(
         summary["residual"] = _rotate_residual(model, layers, generator, device)
     if cfg.heads:
         summary["heads"] = _rotate_heads(model, layers, generator, device)
-    for index, layer in enumerate(layers):
-        for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            name = f"{prefix}.{index}.{leaf}"
-            matmul_type = leaf.rsplit(".", 1)[-1]
-            if matmul_type not in cfg.online:
-                continue
-            if name not in online:
-                summary["skipped"][name] = "not quantized by a linear selector (a checkpoint could not restore it)"
-                continue
-            linear = layer.get_submodule(leaf)
-            rotation = _online_rotation(linear.in_features, online[name] or 32, name)
-            _transform(linear, "weight", lambda W, r=rotation: r.forward(W), device)
-            linear.register_forward_pre_hook(_RotateInput(rotation))
-            setattr(linear, INPUT_ROTATION_ATTR, rotation)
-            summary["online"].setdefault(matmul_type, {"rotation": rotation.to_dict(), "count": 0})
-            summary["online"][matmul_type]["count"] += 1
+    for name, linear in layers.named_modules(prefix=prefix):
+        matmul_type = name.rsplit(".", 1)[-1]
+        if not isinstance(linear, nn.Linear) or matmul_type not in cfg.online:
+            continue
+        if name not in online:
+            summary["skipped"][name] = "not quantized by a linear selector (a checkpoint could not restore it)"
+            continue
+        rotation = _online_rotation(linear.in_features, online[name] or 32, name)
+        _transform(linear, "weight", lambda W, r=rotation: r.forward(W), device)
+        linear.register_forward_pre_hook(_RotateInput(rotation))
+        setattr(linear, INPUT_ROTATION_ATTR, rotation)
+        summary["online"].setdefault(matmul_type, {"rotation": rotation.to_dict(), "count": 0})
+        summary["online"][matmul_type]["count"] += 1
     return summary
 
 

@@ -124,11 +124,11 @@ def collect_candidates(model: nn.Module, matmul_types: list[str]) -> tuple[list[
             skipped[matmul_type] = "not present in the model"
             continue
         active = [(n, q, size) for n, q, size in sites if q is not None and q.fmt is not None]
-        fused = [site for site in active if getattr(site[1], "fused_rotation", None) is not None]
-        active = [site for site in active if getattr(site[1], "fused_rotation", None) is None]
-        if fused and not active:
+        unfused = [site for site in active if getattr(site[1], "fused_rotation", None) is None]
+        if active and not unfused:
             skipped[matmul_type] = "input already rotated online with the rotation folded into the weight ([rotation] online)"
             continue
+        active = unfused
         if not active:
             skipped[matmul_type] = (
                 "activation not quantized in any layer (bypassed or not selected): a rotation cannot change anything"
