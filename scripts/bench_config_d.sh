@@ -14,6 +14,7 @@
 #     abl_r1_only           only R1 (heads = false, online = []) + GPTQ + rotation search
 #     abl_no_online         R1 + R2 (online = []) + GPTQ + rotation search
 #     abl_online_o_down     D with o_proj's input rotated online too (online = ["o_proj", "down_proj"])
+#     abl_online_all        D with every linear's input rotated online too (a Hadamard on top of R1)
 #   d_mxint4_reload         `mxptq eval-ppl --checkpoint OUT_DIR/d_mxint4/checkpoint`: the saved D
 #                           checkpoint evaluated again (same perplexity expected, bit for bit)
 # then OUT_DIR/summary.md (`mxptq report` over every report.json).
@@ -40,6 +41,7 @@ variants = {
     "abl_r1_only": setkey(setkey(base, "heads", "false"), "online", "[]"),
     "abl_no_online": setkey(base, "online", "[]"),
     "abl_online_o_down": setkey(base, "online", '["o_proj", "down_proj"]'),
+    "abl_online_all": setkey(base, "online", str(list(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))).replace("'", '"')),
 }
 for name, text in variants.items():
     (out / f"{name}.toml").write_text(f"# {name}: a variant of recipes/d_mxint4.toml (scripts/bench_config_d.sh)\n" + text)
@@ -51,10 +53,16 @@ run() {  # name, mxptq arguments...
   (cd "$OUT/$name" && "$PY" -m mxptq "$@" --out "$OUT/$name" > log.txt 2>&1) || echo "$name FAILED (see $OUT/$name/log.txt)"
   printf '%s\t%s\n' "$name" "$((SECONDS - start))" | tee -a "$OUT/process.tsv"
 }
+# fp and d_mxint4 run alone, so their stage times are clean (the "D in <= 3 minutes" figure); the
+# rest run JOBS at a time (default 1): with JOBS > 1 their stage times share the GPU and CPU and
+# only their perplexities are comparable.
 run fp eval-ppl --model "$MODEL" "$@"
-for name in tutorial_c_rotsearch mxfp4_c_rotsearch d_mxint4 d_mxfp4 abl_rotation_rtn abl_rotation_gptq \
-            abl_r1_only abl_no_online abl_online_o_down; do
-  run "$name" quantize "$OUT/recipes/$name.toml" --model "$MODEL" --no-fp-eval "$@"
+run d_mxint4 quantize "$OUT/recipes/d_mxint4.toml" --model "$MODEL" --no-fp-eval "$@"
+for name in tutorial_c_rotsearch mxfp4_c_rotsearch d_mxfp4 abl_rotation_rtn abl_rotation_gptq \
+            abl_r1_only abl_no_online abl_online_o_down abl_online_all; do
+  while (( $(jobs -rp | wc -l) >= ${JOBS:-1} )); do wait -n; done
+  run "$name" quantize "$OUT/recipes/$name.toml" --model "$MODEL" --no-fp-eval "$@" &
 done
+wait
 run d_mxint4_reload eval-ppl --checkpoint "$OUT/d_mxint4/checkpoint" "$@"
 "$PY" -m mxptq report "$OUT"/*/report.json > "$OUT/summary.md" || true
