@@ -11,6 +11,7 @@ owns loading, the data source, the output directory and the report, so no stage 
 
 from __future__ import annotations
 
+import copy
 import gc
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,8 @@ def _evaluate(model: Any, recipe: Recipe, ctx: RunContext, name: str) -> dict[st
 
 
 def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
-    """rotate -> gptq -> transform -> rotsearch, each timed in the report (the transform stage records its
-    own time with its summary)."""
+    """rotate -> gptq -> transform -> rotsearch -> gptaq, each timed in the report (the transform
+    stage records its own time with its summary)."""
     from mxptq.stages.transform import quantize_model
 
     if recipe.rotation is not None:
@@ -104,9 +105,13 @@ def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
 
         with ctx.report.stage("rotate"):
             model = run_rotation(model, recipe, ctx)
+    reference_layers = None
     if _needs_gptq(recipe):
-        from mxptq.stages.gptq import run_gptq
+        from mxptq.stages.gptq import decoder_layers, run_gptq
 
+        if recipe.gptq.asymmetric:
+            # GPTAQ fits to the unquantized layers: keep a copy (host memory) before GPTQ writes.
+            reference_layers = copy.deepcopy(decoder_layers(model)[1])
         with ctx.report.stage("gptq"):
             model = run_gptq(model, recipe, ctx)
         model.to(ctx.device)
@@ -116,6 +121,12 @@ def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
 
         with ctx.report.stage("rotsearch"):
             model = run_rotation_search(model, recipe, ctx)
+    if reference_layers is not None:
+        from mxptq.stages.gptaq import run_gptaq
+
+        with ctx.report.stage("gptaq"):
+            model = run_gptaq(model, reference_layers, recipe, ctx)
+        del reference_layers
     return model
 
 

@@ -210,6 +210,10 @@ class GptqTable(_Table):
     # "column": column-by-column error compensation inside the block (DESIGN.md "GPTQ for MX").
     intra_block: Literal["joint", "column"] = "joint"
     split: Split | None = None  # None = [data].calib_split
+    # true: after the MX transform (and rotation search), refit every GPTQ linear so that its
+    # quantized input reproduces the unquantized model's output (GPTAQ's asymmetric calibration;
+    # mxptq/stages/gptaq.py). The first, weights-only pass still runs (the search scores it).
+    asymmetric: StrictBool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +351,7 @@ class GptqConfig(_Table):
     damp_percent: float = 0.01
     intra_block: Literal["joint", "column"] = "joint"
     split: Split | None = None
+    asymmetric: bool = False
 
 
 class Recipe(_Table):

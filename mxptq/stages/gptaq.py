@@ -1,0 +1,243 @@
+"""Stage `gptaq`: asymmetric GPTQ refit of the quantized model (`[gptq] asymmetric = true`, issue 22).
+
+    run_gptaq(model, reference_layers, recipe, ctx) -> model
+
+Why: stage `gptq` fits each linear's quantized weight Q to its *float* inputs X, minimising
+||X Wᵀ − X Qᵀ||. The quantized model feeds the linear something else: X̃, its own activations
+(earlier layers quantized, the input MX-quantized, online rotations applied). What decides the
+model's output is ||X Wᵀ − X̃ Qᵀ||: the unquantized linear's output, reached from the quantized
+model's input. GPTAQ (Li et al., 2025, "asymmetric calibration") minimises that instead.
+
+How (a closed form that keeps one GPTQ implementation): with H̃ = X̃ᵀX̃ and
+W* = W XᵀX̃ H̃⁻¹, the least-squares map from X̃ to X Wᵀ,
+    ||X Wᵀ − X̃ Qᵀ||² = ||X̃ (W* − Q)ᵀ||² + ||X Wᵀ − X̃ W*ᵀ||²
+(a least-squares residual is orthogonal to the columns of X̃), and the second term does not
+depend on Q. So the refit is the MX GPTQ of stage gptq (`mx_gptq`, same scale search, intra-block
+rule and damping) run on the target W* under the Hessian H̃. W* is solved with the same damping
+λ = damp_percent · mean diag H̃ as a ridge towards W: argmin ||X Wᵀ − X̃ Qᵀ||² + λ||Q − W||²
+(finite when X̃ has dead columns; a ridge towards 0 instead zeroed the weights of directions the
+calibration barely visits, and the demo model's test perplexity went from 105 to 459).
+
+Lifecycle (in the pipeline: rotate -> gptq -> transform -> rotsearch -> gptaq):
+  1. `reference_layers`: a copy of the decoder layers taken before any weight was quantized
+     (after `[rotation]` when present, so both models share its basis).
+  2. The inputs of decoder layer 0 on `[gptq]`'s calibration windows, captured once from the
+     quantized model (embeddings are never quantized, so both models start from them).
+  3. Per layer, per group of linears that read one input (q/k/v, o, gate/up, down), in forward
+     order, with the layer's earlier groups already refit: accumulate over all calibration tokens
+     H̃ = 2/N X̃ᵀX̃, C = 2/N XᵀX̃ and Hx = 2/N XᵀX, where X is the reference layer's input of the
+     linear and X̃ the quantized layer's input after its input quantizer; then W*, `mx_gptq`, and
+     Q written into the `MXLinear`'s weight buffer.
+  4. Each model's layer outputs are its next layer's inputs (two streams, one per model).
+
+Refit: exactly the linears stage gptq calibrated (`MXLinear.weight_source == "gptq"`), in their
+weight format. Report section `gptq_asymmetric`: per layer and linear the relative error
+sqrt(E(Q) / ||X Wᵀ||²), E(Q) = ||X Wᵀ − X̃ Qᵀ||² (from the three matrices above), for stage
+gptq's weights ("before") and the refit ones ("after"); seconds and peak memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from mxptq.errors import ModelError
+from mxptq.nn.linear import MXLinear
+from mxptq.stages.gptq import (
+    _calibration_windows,
+    _capture_first_layer_inputs,
+    _device,
+    _forward,
+    _input_groups,
+    _LayerInput,
+    _peak,
+    _relative,
+    _reset_peak,
+    _run_on_device,
+    _StopForward,
+    _track,
+    decoder_layers,
+)
+from mxptq.stages.gptq_math import mx_gptq
+
+
+def run_gptaq(
+    model: nn.Module, reference_layers: nn.ModuleList, recipe: Any, ctx: Any, *, windows: torch.Tensor | None = None
+) -> nn.Module:
+    """The stage (module docstring): refit weights written into the model; ctx.report section.
+    windows: calibration token ids [n, seqlen]; default `[gptq]`'s windows (same seed and split)."""
+    cfg = recipe.gptq
+    device = _device(ctx, recipe)
+    _, layers = decoder_layers(model)
+    if len(reference_layers) != len(layers):
+        raise ModelError(f"GPTAQ: {len(reference_layers)} reference layers for a model of {len(layers)}")
+    scale_search = "output" if cfg.clip_search_y else "quantile" if cfg.quantile_search else "absmax"
+    if windows is None:
+        windows = _calibration_windows(recipe, ctx)
+    start = time.perf_counter()
+    _reset_peak(device)
+    quantized = _capture_first_layer_inputs(model, layers[0], windows, cfg.cali_batch_size, device)
+    reference = [_LayerInput(b.hidden.clone(), b.args, b.kwargs) for b in quantized]
+    summary: dict[str, Any] = {
+        "objective": "||X W^T - X~ Q^T||: the unquantized linear's output from the quantized model's input",
+        "scale_search": scale_search,
+        "intra_block": cfg.intra_block,
+        "damp_percent": cfg.damp_percent,
+        "nsamples": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "layers": [],
+    }
+    for index in _track(range(len(layers)), "GPTAQ layers", enabled=bool(getattr(ctx, "progress", True))):
+        layer_start = time.perf_counter()
+        ref_layer = reference_layers[index]
+        home = next(ref_layer.parameters()).device
+        ref_layer.to(device)
+        try:
+            with torch.no_grad():
+                record = _refit_layer(layers[index], ref_layer, reference, quantized, cfg, scale_search)
+                reference = _forward(ref_layer, reference)
+                if os.environ.get("MXPTQ_GPTAQ_STREAM", "sequential") == "local":
+                    quantized = reference
+                else:
+                    quantized = _run_on_device(layers[index], device, lambda layer: _forward(layer, quantized))
+        finally:
+            ref_layer.to(home)
+        record.update(index=index, seconds=round(time.perf_counter() - layer_start, 4))
+        summary["layers"].append(record)
+    del reference, quantized
+    summary.update(_totals(summary["layers"]))
+    summary["wall_s"] = round(time.perf_counter() - start, 4)
+    summary["peak_mem_bytes"] = _peak(device) if device.type == "cuda" else None
+    report = getattr(ctx, "report", None)
+    if report is not None:
+        report["gptq_asymmetric"] = summary
+    return model
+
+
+def _refit_layer(
+    layer: nn.Module,
+    ref_layer: nn.Module,
+    reference: list[_LayerInput],
+    quantized: list[_LayerInput],
+    cfg: Any,
+    scale_search: str,
+) -> dict[str, Any]:
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, MXLinear) and m.weight_source == "gptq"}
+    record: dict[str, Any] = {"linears": {}}
+    if not linears:
+        return record
+    for group in _input_groups(layer, linears, quantized[0]):
+        H_q, C, H_x = _statistics(layer, linears[group[0]], ref_layer, ref_layer.get_submodule(group[0]),
+                                  reference, quantized)
+        mode = os.environ.get("MXPTQ_GPTAQ_TARGET", "asym")
+        if mode == "fp":
+            H_q, C = H_x.clone(), H_x.clone()
+        elif mode == "sym":
+            C = H_q.clone()
+        for name in group:
+            mx = linears[name]
+            W = ref_layer.get_submodule(name).weight.detach().to(torch.float32)
+            before = mx.weight.detach().to(torch.float32, copy=True)  # the buffer is overwritten below
+            target = least_squares_target(W, H_q, C, float(os.environ.get("MXPTQ_GPTAQ_RIDGE", cfg.damp_percent)))
+            Q, stats = mx_gptq(target, H_q, mx.weight_fmt, damp_percent=cfg.damp_percent,
+                               scale_search=scale_search, intra_block=cfg.intra_block)
+            mx.weight.copy_(Q.to(mx.weight.dtype))
+            energy = float(torch.einsum("ij,jk,ik->", W.double(), H_x.double(), W.double()))
+            record["linears"][name] = {
+                "format": mx.weight_fmt.label,
+                "output_energy": energy,
+                "error_before": asymmetric_error(W, before, H_q, C, H_x),
+                "error_after": asymmetric_error(W, mx.weight.to(torch.float32), H_q, C, H_x),
+                "damp_percent": stats.damp_percent,
+                "fallback_rtn": stats.fallback_rtn,
+            }
+            stats_out = record["linears"][name]
+            stats_out["rel_error_before"] = _relative(stats_out["error_before"], energy)
+            stats_out["rel_error_after"] = _relative(stats_out["error_after"], energy)
+        del H_q, C, H_x
+    return record
+
+
+def _statistics(
+    layer: nn.Module,
+    linear: MXLinear,
+    ref_layer: nn.Module,
+    ref_linear: nn.Linear,
+    reference: list[_LayerInput],
+    quantized: list[_LayerInput],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H̃, C, Hx) = 2/N (X̃ᵀX̃, XᵀX̃, XᵀX) over every calibration token (fp32)."""
+    n = linear.in_features
+    device = linear.weight.device
+    H_q, C, H_x = (torch.zeros(n, n, dtype=torch.float32, device=device) for _ in range(3))
+    tokens = 0
+    for ref_batch, q_batch in zip(reference, quantized):
+        x = _linear_input(ref_layer, ref_linear, ref_batch, lambda inp: inp)
+        x_q = _linear_input(layer, linear, q_batch, linear.input_quantizer)
+        if x.shape != x_q.shape:
+            raise ModelError(f"GPTAQ: the reference and quantized inputs differ in shape ({x.shape} vs {x_q.shape})")
+        H_q.addmm_(x_q.t(), x_q)
+        C.addmm_(x.t(), x_q)
+        H_x.addmm_(x.t(), x)
+        tokens += x.shape[0]
+    scale = 2.0 / max(tokens, 1)
+    return H_q.mul_(scale), C.mul_(scale), H_x.mul_(scale)
+
+
+def _linear_input(layer: nn.Module, linear: nn.Module, batch: _LayerInput, transform: Any) -> torch.Tensor:
+    """The [tokens, in_features] fp32 input `linear` multiplies in `layer`'s forward on `batch`
+    (after `transform`: the quantized linear's input quantizer); the forward stops there."""
+    captured: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(transform(args[0]).reshape(-1, module.in_features).to(torch.float32))
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(grab)
+    try:
+        layer(batch.hidden, *batch.args, **batch.kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ModelError("GPTAQ: a layer's forward never called one of its refit linears")
+    return captured[0]
+
+
+def least_squares_target(W: torch.Tensor, H_q: torch.Tensor, C: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """W* = W (C + λI)(H̃ + λI)⁻¹, C = XᵀX̃ (2/N-scaled like H̃), λ = damp_percent · mean diag H̃:
+    argmin_Q ||X Wᵀ − X̃ Qᵀ||² + λ||Q − W||² (module docstring). The ridge pulls towards W, not
+    towards 0: directions the calibration tokens barely visit keep the model's weights instead of
+    being zeroed (which is what (H̃ + λI)⁻¹ alone does, and what held-out text then pays for).
+    With X̃ = X it gives W for every λ. fp64 solve, fp32 result."""
+    A = H_q.double()
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    damp = damp_percent * float(torch.diagonal(A).mean())
+    # W* = W B A⁻¹ with B = C + λI, A = H̃ + λI symmetric  <=>  W*ᵀ = A⁻¹ Bᵀ Wᵀ
+    return torch.linalg.solve(A + damp * eye, (C.double() + damp * eye).t() @ W.double().t()).t().to(torch.float32)
+
+
+def asymmetric_error(W: torch.Tensor, Q: torch.Tensor, H_q: torch.Tensor, C: torch.Tensor, H_x: torch.Tensor) -> float:
+    """E(Q) = 2/N ||X Wᵀ − X̃ Qᵀ||² = tr(W Hx Wᵀ) − 2 tr(W C Qᵀ) + tr(Q H̃ Qᵀ), in fp64."""
+    W, Q = W.double(), Q.double()
+    value = (
+        torch.einsum("ij,jk,ik->", W, H_x.double(), W)
+        - 2 * torch.einsum("ij,jk,ik->", W, C.double(), Q)
+        + torch.einsum("ij,jk,ik->", Q, H_q.double(), Q)
+    )
+    return max(float(value), 0.0)
+
+
+def _totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    linears = [s for layer in layers for s in layer["linears"].values()]
+    energy = sum(s["output_energy"] for s in linears)
+    return {
+        "rel_error_before": _relative(sum(s["error_before"] for s in linears), energy),
+        "rel_error_after": _relative(sum(s["error_after"] for s in linears), energy),
+        "refit_linears": len(linears),
+    }
