@@ -5,6 +5,11 @@ half-written file where a later run would read it.
 How: write to a temporary file in the *same directory* (os.replace is only atomic within one
 file system), flush + fsync the data, os.replace over the target, then fsync the directory so
 the rename itself survives a power loss (POSIX: rename durability needs the parent dir synced).
+
+A process killed mid-write (SIGKILL, OOM) leaves its temporary file behind (issue 30). The writer
+holds an exclusive flock on its temporary file while it lives, and the kernel drops the lock when
+the process dies; so each write removes the unlocked temporary files of the same target, and never
+a live writer's.
 """
 
 from __future__ import annotations
@@ -13,12 +18,18 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl  # the temporary files' locks (see above)
+except ImportError:  # Windows: no flock, so orphaned temporary files stay
+    fcntl = None
 
 
 def fsync_dir(directory: Path) -> None:
@@ -32,20 +43,55 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_name_pattern(target: Path) -> re.Pattern[str]:
+    # The name atomic_path's mkstemp gives: ".{name}." + 8 characters of [a-z0-9_] (CPython's
+    # tempfile) + ".tmp"; exact, so another target's temporary file (".{name}.bin.….tmp") never matches.
+    return re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_orphaned_temp_files(target: Path) -> None:
+    """Remove the temporary files of `target` that no live writer holds (see the module docstring)."""
+    if fcntl is None:
+        return
+    pattern = _temp_name_pattern(target)
+    for candidate in target.parent.iterdir():
+        if not pattern.fullmatch(candidate.name):
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDWR)
+        except OSError:  # renamed or removed meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked: a writer is alive
+            continue
+        else:
+            candidate.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on normal exit it is fsynced and renamed onto
     `path`, on an exception it is removed and `path` is left untouched.
 
     For writers that need a file name rather than bytes (e.g. safetensors.torch.save_file).
-    Parent directories are created.
+    Parent directories are created; earlier writers' orphaned temporary files of `path` removed.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temp_files(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     tmp_path = Path(tmp_name)
     try:
+        if fcntl is None:  # Windows: no flock, and a file still open there cannot be renamed
+            os.close(fd)
+        else:
+            # Held until the end: marks the file as a live writer's. A file system without locks
+            # refuses the cleaner's lock too, so there the write goes on and orphans stay.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp_path
         with open(tmp_path, "rb+") as written:
             os.fsync(written.fileno())
@@ -53,6 +99,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    finally:
+        if fcntl is not None:
+            os.close(fd)
     fsync_dir(target.parent)
 
 

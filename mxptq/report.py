@@ -14,6 +14,8 @@ end. Top-level keys (schema_version 1):
 - ``metrics``: ``{"fp": {...}, "quantized": {...}}`` each with word/byte/token perplexity and
   the evaluation protocol; ``metrics.word_perplexity`` mirrors the final model's value so
   ``mxptq report`` can compare runs of any command.
+- ``non_finite`` (only when there are any): ``{"metrics.quantized.word_perplexity": "nan", ...}``,
+  the NaN/inf values written as null (JSON has neither; a NaN weight gives a NaN perplexity).
 
 Peak memory is the accelerator's (torch.cuda.max_memory_allocated) when a CUDA device is used,
 else the process's peak resident set size (ru_maxrss), marked by ``peak_mem_kind``.
@@ -110,6 +112,18 @@ def device_description(device: torch.device | str) -> dict[str, Any]:
     return {"type": device.type, "name": platform.processor() or platform.machine()}
 
 
+def _finite_or_null(value: Any, where: str, non_finite: dict[str, str]) -> Any:
+    """`value` with every NaN/inf float replaced by None, each recorded in `non_finite` by key path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        non_finite[where] = str(value)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{where}.{k}" if where else str(k), non_finite) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v, f"{where}[{i}]", non_finite) for i, v in enumerate(value)]
+    return value
+
+
 class Report:
     """Collects what a run did; `write` saves it as JSON atomically."""
 
@@ -169,5 +183,10 @@ class Report:
         path = Path(path)
         total = sum(s.get("wall_s", 0.0) for s in self.data["stages"].values())
         self.data["total_wall_s"] = round(total, 4)
-        atomic_write_json(path, self.data)
+        # A NaN weight made report.json fail to write (issue 30): the run's record must survive it.
+        non_finite: dict[str, str] = {}
+        data = _finite_or_null(self.data, "", non_finite)
+        if non_finite:
+            data["non_finite"] = non_finite
+        atomic_write_json(path, data)
         return path

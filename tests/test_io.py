@@ -1,4 +1,5 @@
-"""mxptq.io: atomic writes leave either the old file or the complete new one."""
+"""mxptq.io: atomic writes leave either the old file or the complete new one, and remove the
+temporary files of killed writers."""
 
 from __future__ import annotations
 
@@ -46,3 +47,18 @@ def test_safetensors_round_trip(tmp_path):
     tensors = {"codes": torch.arange(6, dtype=torch.uint8).reshape(2, 3)}
     path = atomic_save_safetensors(tmp_path / "m.safetensors", tensors, {"format": "mx"})
     assert torch.equal(load_file(path)["codes"], tensors["codes"])
+
+
+def test_orphaned_temp_files_of_the_target_are_removed(tmp_path):
+    # Issue 30: a writer killed mid-write left ".r.json.<8 chars>.tmp" behind, forever.
+    fcntl = pytest.importorskip("fcntl")  # the lock that tells a live writer's file from an orphan
+    orphan = tmp_path / ".r.json.k1ll3d_x.tmp"
+    live = tmp_path / ".r.json.w0rking1.tmp"
+    unrelated = [".r.json.tmp", "r.json.bak", ".r.json.bin.abcdefgh.tmp", ".q.json.abcdefgh.tmp",
+                 ".r.json.abcdefghi.tmp", "notes.tmp"]
+    for name in [orphan.name, live.name, *unrelated]:
+        (tmp_path / name).write_text("left over")
+    with open(live, "rb+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # another process, still writing the same target
+        atomic_write_json(tmp_path / "r.json", {"ok": True})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", live.name, *unrelated])

@@ -297,3 +297,14 @@ def test_missing_file(tmp_path):
 )
 def test_toml_key_is_rendered_as_written(key, written):
     assert toml_key(key) == written
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_floats_are_refused(value):
+    # Issue 30: TOML's inf passed [rotation_search] validation and failed later, at the JSON save.
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(f"[rotation_search]\nimprovement_eps = {value}\n")
+    assert str(err.value) == (
+        f"<recipe>: [rotation_search.improvement_eps] {value} is not a finite number; "
+        "allowed: a finite number >= 0.0"
+    )

@@ -31,9 +31,11 @@ Cache: the JSON at `cache_path` records baseline, winners in order, every trial 
 skips, the rotation used per size, forwards and wall time, and `input_hash`, a sha256 over the
 recipe sections that change the search (`[rotation_search]` except `cache_path`, the selectors,
 `[gptq]`, `[formats]`, model dtype/attention), the quantized model's fingerprint (every tensor's
-bytes and every quantizer's format), the calibration windows' token ids and the mxptq version.
-A cache with the same hash is applied with no forward pass; any other (or an unreadable) cache
-is recomputed and overwritten, and the report says why.
+bytes and every quantizer's format), the calibration windows' token ids and the mxptq version;
+and `content_hash`, a sha256 over the rest of the record, so a hand-edited `winners` (or score)
+is not applied as if searched (issue 30). A cache with the same `input_hash` and an intact
+`content_hash` is applied with no forward pass; any other (or an unreadable) cache is recomputed
+and overwritten, and the report says why.
 """
 
 from __future__ import annotations
@@ -214,13 +216,13 @@ def model_fingerprint(model: nn.Module) -> str:
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    # Sorted: a set's order changes with PYTHONHASHSEED, and so did the cache key (issue 30).
+    attributes = sorted(
+        {"input_quantizer", "rope_quantizer", "scores_quantizer"}
+        | {a for attrs in ATTENTION_QUANTIZERS.values() for a in attrs}
+    )
     for name, module in model.named_modules():
-        for attr in (
-            "input_quantizer",
-            *{a for attrs in ATTENTION_QUANTIZERS.values() for a in attrs},
-            "rope_quantizer",
-            "scores_quantizer",
-        ):
+        for attr in attributes:
             quantizer = getattr(module, attr, None)
             if quantizer is not None and hasattr(quantizer, "fmt"):
                 label = quantizer.fmt.label if quantizer.fmt is not None else "bypass"
@@ -251,14 +253,24 @@ def search_inputs(recipe: Any, model: nn.Module, windows: torch.Tensor) -> dict[
     }
 
 
+def _json_sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def input_hash(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return _json_sha256(inputs)
+
+
+def content_hash(record: dict[str, Any]) -> str:
+    """sha256 of a decisions record less its own `content_hash`: the winners applied on a hit and
+    the scores and rotations the report copies from it."""
+    return _json_sha256({k: v for k, v in record.items() if k != "content_hash"})
 
 
 # ---------------------------------------------------------------- cache
 def read_cache(path: Path, inputs: dict[str, Any]) -> tuple[dict | None, str]:
     """(cache, status) for the current search inputs. status: "hit", "missing",
-    "stale: ... <changed inputs>" or "unreadable: ..."; only a hit returns the cache."""
+    "stale: ... <changed inputs>", "corrupt: ..." or "unreadable: ..."; only a hit returns the cache."""
     if not path.exists():
         return None, "missing"
     try:
@@ -271,6 +283,8 @@ def read_cache(path: Path, inputs: dict[str, Any]) -> tuple[dict | None, str]:
         old = cache.get("inputs") if isinstance(cache.get("inputs"), dict) else {}
         changed = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
         return None, f"stale: recomputed because these inputs changed: {', '.join(changed) or 'unknown'}"
+    if cache.get("content_hash") != content_hash(cache):
+        return None, "corrupt: recomputed because the decisions do not match their content_hash (edited?)"
     return cache, "hit"
 
 
@@ -353,6 +367,7 @@ def run_rotation_search(model: nn.Module, recipe: Any, ctx: Any) -> nn.Module:
             "device": str(device) if device is not None else None,
             "wall_time_s": round(time.perf_counter() - start, 3),
         }
+        result["content_hash"] = content_hash(result)
         if cache_path is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(cache_path, result)

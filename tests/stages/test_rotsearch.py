@@ -1,11 +1,16 @@
 """Greedy rotation search: the greedy rule on a scripted score, candidate/skip collection, and the
-stage on a tiny random Llama (determinism, cache hit with zero forwards, stale cache)."""
+stage on a tiny random Llama (determinism, cache hit with zero forwards, stale or edited cache,
+a fingerprint that is the same in every process)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +21,8 @@ from mxptq.recipe import parse_recipe
 from mxptq.stages.rotsearch import Candidate, collect_candidates, greedy_search, run_rotation_search
 from mxptq.stages.transform import quantize_model
 from tests.conftest import make_tiny_llama
+
+REPO = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------- greedy rule (no model)
 
@@ -279,6 +286,39 @@ def test_stale_cache_is_recomputed(base_model, tmp_path):
     assert forwards > 0 and "model_fingerprint" in rot["cache_status"]
 
 
+def test_edited_winners_are_not_applied(base_model, tmp_path):
+    # Issue 30: winners edited by hand, input_hash intact, used to be applied as if searched.
+    cache = tmp_path / "f.json"
+    searched, _ = _run(copy.deepcopy(base_model), _recipe(cache))
+    record = json.loads(cache.read_text())
+    record["winners"] = ["up_proj"] if record["winners"] != ["up_proj"] else []
+    cache.write_text(json.dumps(record))
+    model = copy.deepcopy(base_model)
+    rot, forwards = _run(model, _recipe(cache))
+    assert forwards > 0 and rot["cache_status"].startswith("corrupt") and "content_hash" in rot["cache_status"]
+    assert rot["winners"] == searched["winners"]
+    assert json.loads(cache.read_text())["winners"] == searched["winners"]  # rewritten
+    assert _run(model, _recipe(cache))[0]["cache_status"] == "hit"
+
+
+def test_model_fingerprint_does_not_depend_on_the_hash_seed():
+    # Issue 30: the fingerprint iterated a set of quantizer names, so the cache key changed per process.
+    script = (
+        "from mxptq.stages.rotsearch import model_fingerprint\n"
+        "from tests.stages.test_rotsearch import _quantized_model\n"
+        "print(model_fingerprint(_quantized_model()))\n"
+    )
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])  # as pytest's
+    fingerprints = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": path}
+        done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
+                              text=True, check=False, timeout=300)
+        assert done.returncode == 0, done.stderr
+        fingerprints.add(done.stdout.strip())
+    assert len(fingerprints) == 1
+
+
 def test_matmul_types_restricts_the_search(base_model, tmp_path):
     rot, forwards = _run(
         copy.deepcopy(base_model), _recipe(tmp_path / "e.json", types='["up_proj", "down_proj"]')
@@ -322,12 +362,10 @@ def test_av_matmul_rotation_is_causal_or_skipped_with_reason():
 def test_demo_model_rotations_are_exact(demo_model):
     """SmolLM2-135M under tutorial config C: hidden 576, MLP 1536, head_dim 64 rotate with
     H_36 ⊗ H_16, H_12 ⊗ H_128 and H_64 -- no block-diagonal fallback (issue 7)."""
-    from pathlib import Path
-
     from mxptq.recipe import load_recipe
 
     model = copy.deepcopy(demo_model[0])
-    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tutorial_c_rotsearch.toml")
+    recipe = load_recipe(REPO / "recipes" / "tutorial_c_rotsearch.toml")
     model = quantize_model(model, recipe)
     candidates, skipped = collect_candidates(model, list(recipe.rotation_search.matmul_types))
     sizes = {}
