@@ -96,7 +96,7 @@ def _evaluate(model: Any, recipe: Recipe, ctx: RunContext, name: str) -> dict[st
 
 
 def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
-    """rotate -> gptq -> transform -> rotsearch -> gptaq, each timed in the report (the transform
+    """rotate -> gptq -> transform -> rotsearch -> refit, each timed in the report (the transform
     stage records its own time with its summary)."""
     from mxptq.stages.transform import quantize_model
 
@@ -109,8 +109,9 @@ def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
     if _needs_gptq(recipe):
         from mxptq.stages.gptq import decoder_layers, run_gptq
 
-        if recipe.gptq.asymmetric:
-            # GPTAQ fits to the unquantized layers: keep a copy (host memory) before GPTQ writes.
+        if recipe.gptq.refit != "none":
+            # The refit starts again from the unquantized weights: keep a copy of the layers (host
+            # memory) before GPTQ writes into them.
             reference_layers = copy.deepcopy(decoder_layers(model)[1])
         with ctx.report.stage("gptq"):
             model = run_gptq(model, recipe, ctx)
@@ -122,10 +123,10 @@ def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
         with ctx.report.stage("rotsearch"):
             model = run_rotation_search(model, recipe, ctx)
     if reference_layers is not None:
-        from mxptq.stages.gptaq import run_gptaq
+        from mxptq.stages.refit import run_refit
 
-        with ctx.report.stage("gptaq"):
-            model = run_gptaq(model, reference_layers, recipe, ctx)
+        with ctx.report.stage("refit"):
+            model = run_refit(model, reference_layers, recipe, ctx)
         del reference_layers
     return model
 

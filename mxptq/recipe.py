@@ -66,6 +66,7 @@ MatmulType = Literal[
 MATMUL_TYPES: tuple[str, ...] = MatmulType.__args__  # type: ignore[attr-defined]
 Dtype = Literal["float16", "bfloat16", "float32", "auto"]
 Split = Literal["train", "validation", "test"]
+Refit = Literal["none", "quantized_inputs", "asymmetric"]
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 DEVICE_ALLOWED = "auto, cpu, mps, cuda, cuda:N"
 RESERVED_TABLES = ("gptq", "rotation", "rotation_search", "model", "data", "eval", "output", "formats")
@@ -111,7 +112,9 @@ def _to_format(value: Any) -> Any:
     raise PydanticCustomError("format_type", "Input should be an MX Format")
 
 
-TomlFloat = Annotated[float, BeforeValidator(_number_only)]
+# TOML spells inf and nan too; no recipe float means anything there (issue 30: improvement_eps = inf
+# passed validation, then the rotation decisions could not be written as JSON).
+TomlFloat = Annotated[float, BeforeValidator(_number_only), Field(allow_inf_nan=False)]
 TomlPath = Annotated[Path, BeforeValidator(_path_like)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 # `Format` stays `Any` for pydantic so this module imports without torch; the validator and
@@ -210,10 +213,11 @@ class GptqTable(_Table):
     # "column": column-by-column error compensation inside the block (DESIGN.md "GPTQ for MX").
     intra_block: Literal["joint", "column"] = "joint"
     split: Split | None = None  # None = [data].calib_split
-    # true: after the MX transform (and rotation search), refit every GPTQ linear so that its
-    # quantized input reproduces the unquantized model's output (GPTAQ's asymmetric calibration;
-    # mxptq/stages/gptaq.py). The first, weights-only pass still runs (the search scores it).
-    asymmetric: StrictBool = False
+    # After the MX transform (and rotation search), fit every GPTQ linear again on the inputs the
+    # quantized model gives it: "quantized_inputs" (GPTQ of W on them) or "asymmetric" (GPTAQ:
+    # towards the unquantized output); mxptq/stages/refit.py. The weights-only pass still runs
+    # first (the rotation search scores it).
+    refit: Refit = "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +355,7 @@ class GptqConfig(_Table):
     damp_percent: float = 0.01
     intra_block: Literal["joint", "column"] = "joint"
     split: Split | None = None
-    asymmetric: bool = False
+    refit: Refit = "none"
 
 
 class Recipe(_Table):
@@ -568,10 +572,16 @@ def _validation_error_line(
         hint = _did_you_mean(value, allowed) if isinstance(value, str) else ""
         problem = f"{_toml_value(value)} is not allowed{hint}" if isinstance(value, str) else f"expected a string, {got}"
         return _line(source, path, problem, ", ".join(allowed))
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
         bounds = [f"{symbols[name]} {ctx[name]}" for name in symbols if name in ctx]
         return _line(source, path, f"{_toml_value(value)} is out of range", " and ".join(bounds) or None)
+    if kind == "finite_number":
+        # pydantic checks finiteness before the range, so the range is read from the field itself.
+        field = _model_at(cls, loc[:-1]).model_fields.get(str(loc[-1]))
+        limits = {name: getattr(m, name) for m in getattr(field, "metadata", ()) for name in symbols if hasattr(m, name)}
+        bounds = " and ".join(f"{symbols[name]} {limit}" for name, limit in limits.items())
+        return _line(source, path, f"{_toml_value(value)} is not a finite number", f"a finite number {bounds}".strip())
     if kind == "too_short":
         return _line(source, path, "must not be empty", f"at least {ctx.get('min_length', 1)} entry")
     if kind == "string_pattern_mismatch":

@@ -70,7 +70,7 @@ BROKEN_RECIPES = {
         "data_in_width, data_in_exponent_width, data_in_frac_width, scale_rule",
     "17_attention_stage_without_format.toml": f"{ATTN}.kv_cache.data_in_width] mxint needs `width`; allowed: 2..8",
     "18_scale_rule_not_for_mxfp.toml":
-        "[formats.mxfp_scale_rule] scale_rule 'tutorial' does not apply to mxfp; allowed: ocp, symmetric",
+        "[formats.mxfp_scale_rule] scale_rule 'tutorial' does not apply to mxfp; allowed: ocp, symmetric, mse",
     "19_mxint_with_exponent_width.toml":
         f"{MLP}.weight_exponent_width] mxint takes `width` (total bits incl. sign), not "
         "exponent_width/frac_width",
@@ -86,7 +86,7 @@ BROKEN_RECIPES = {
     "25_model_device_not_allowed.toml":
         '[model.device] "gpu" is not allowed; allowed: auto, cpu, mps, cuda, cuda:N',
     "26_unknown_scale_rule.toml":
-        f"{MLP}.scale_rule] unknown scale_rule 'symetric'; allowed for mxint: tutorial, symmetric, ocp",
+        f"{MLP}.scale_rule] unknown scale_rule 'symetric'; allowed for mxint: tutorial, symmetric, ocp, mse",
     "27_mxfp_width_disagrees.toml":
         f"{MLP}.data_in_width] mxfp width 8 does not match 1 + exponent_width + frac_width = 4",
     "28_eval_cuda_graphs_not_boolean.toml": '[eval.cuda_graphs] expected true or false, got string "yes"',

@@ -57,23 +57,44 @@ def scale_exp_from_amax(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     mantissa, exponent = frexp_exponent(amax)
     elem = fmt.element
     floor_log2 = exponent - 1
-    if fmt.scale_rule is ScaleRule.OCP:
+    rule = fmt.scale_rule
+    if rule is ScaleRule.MSE:  # the exponent the search starts from (block_scale_exp searches)
+        rule = ScaleRule.TUTORIAL if elem.kind == "int" else ScaleRule.OCP
+    if rule is ScaleRule.OCP:
         # OCP MX v1.0 section 6.3: X = 2^(floor(log2 amax) - emax_elem)
         scale_exp = floor_log2 - elem.emax
-    elif fmt.scale_rule is ScaleRule.TUTORIAL:
+    elif rule is ScaleRule.TUTORIAL:
         # tutorial: e = ceil(log2 amax), step 2^(e-(b-1)) = 2^(scale_exp - (b-2))
         ceil_log2 = floor_log2 + (mantissa != 0.5).to(torch.int32)
         scale_exp = ceil_log2 - 1
-    elif fmt.scale_rule is ScaleRule.SYMMETRIC:
+    elif rule is ScaleRule.SYMMETRIC:
         # smallest s with amax <= max_value * 2^s. Write max_value = top * 2^emax, top in [1, 2):
         # s = E - 1 - emax fits iff 2m <= top, else one more. (2m and top are exact in fp32.)
         top = elem.max_value / 2.0**elem.emax
         scale_exp = floor_log2 - elem.emax + (2.0 * mantissa > top).to(torch.int32)
     else:  # pragma: no cover - ScaleRule is closed
-        raise AssertionError(fmt.scale_rule)
+        raise AssertionError(rule)
     scale_exp = scale_exp.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX)
     scale_exp = torch.where(amax == 0, SCALE_EXP_ZERO_BLOCK, scale_exp)
     return torch.where(torch.isfinite(amax), scale_exp, SCALE_EXP_NAN).to(torch.int32)
+
+
+def block_scale_exp(blocks: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Shared exponent of each block [..., n_blocks, block_size] -> [..., n_blocks, 1] (int32):
+    `scale_exp_from_amax` of its amax, or for the `mse` rule the searched one (ScaleRule.MSE)."""
+    base = scale_exp_from_amax(blocks.abs().amax(dim=-1, keepdim=True), fmt)
+    if fmt.scale_rule is not ScaleRule.MSE:
+        return base
+    searchable = (base != SCALE_EXP_NAN) & (base != SCALE_EXP_ZERO_BLOCK)
+    best = base
+    best_error = (quantize_elements(blocks, fmt, base) - blocks).square().sum(dim=-1, keepdim=True)
+    for step in (-1, 1):  # strict improvement only: ties stay with r, then r - 1
+        candidate = torch.where(searchable, (base + step).clamp(SCALE_EXP_MIN, SCALE_EXP_MAX), base)
+        error = (quantize_elements(blocks, fmt, candidate) - blocks).square().sum(dim=-1, keepdim=True)
+        better = error < best_error
+        best = torch.where(better, candidate, best)
+        best_error = torch.where(better, error, best_error)
+    return best
 
 
 def _scale_factor(scale_exp: torch.Tensor) -> torch.Tensor:
@@ -150,7 +171,7 @@ def quantize_reference(x: torch.Tensor, fmt: Format, axis: int = -1) -> torch.Te
     if x.dim() == 0:
         return quantize_reference(x.reshape(1), fmt, 0).reshape(())
     blocks = _to_blocks(x.to(torch.float32), axis, fmt.block_size)
-    scale_exp = scale_exp_from_amax(blocks.abs().amax(dim=-1, keepdim=True), fmt)
+    scale_exp = block_scale_exp(blocks, fmt)
     dequantized = quantize_elements(blocks, fmt, scale_exp)
     return _from_blocks(dequantized, x.shape[axis], axis).to(x.dtype)
 
@@ -195,7 +216,7 @@ def encode(x: torch.Tensor, fmt: Format, axis: int = -1) -> tuple[torch.Tensor, 
         codes, scale = encode(x.reshape(1), fmt, 0)
         return codes.reshape(()), scale
     blocks = _to_blocks(x.to(torch.float32), axis, fmt.block_size)
-    scale_exp = scale_exp_from_amax(blocks.abs().amax(dim=-1, keepdim=True), fmt)
+    scale_exp = block_scale_exp(blocks, fmt)
     elements = _round_elements(blocks, fmt, scale_exp)
     elements = torch.where(scale_exp == SCALE_EXP_NAN, 0.0, elements)
     if fmt.element.kind == "int":

@@ -15,7 +15,7 @@ from mxptq.formats.spec import ElementFormat, ScaleRule
 
 def code_range(elem: ElementFormat, rule: ScaleRule) -> tuple[int, int]:
     """(lowest, highest) integer code the rule may produce for `elem`."""
-    if rule is ScaleRule.TUTORIAL:
+    if rule is ScaleRule.TUTORIAL or rule is ScaleRule.MSE:  # mse searches around the tutorial rule
         return elem.code_min, elem.code_max
     return -elem.code_max, elem.code_max
 

@@ -483,7 +483,7 @@ def _checkpoint_inputs(
     # weights fingerprint identifies the model); the resolved split does.
     gptq_section.pop("checkpoint_dir", None)
     gptq_section.pop("model_name", None)
-    gptq_section.pop("asymmetric", None)  # the refit after the transform; this pass is the same
+    gptq_section.pop("refit", None)  # a later stage (refit.py); this pass is the same either way
     gptq_section["split"] = recipe.gptq.split or recipe.data.calib_split
     model_info = getattr(ctx, "model_info", None)
     fingerprint = getattr(model_info, "fingerprint", None) or _weights_fingerprint(model)

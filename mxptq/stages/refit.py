@@ -1,44 +1,56 @@
-"""Stage `gptaq`: asymmetric GPTQ refit of the quantized model (`[gptq] asymmetric = true`, issue 22).
+"""Stage `refit`: a second GPTQ pass on the quantized model (`[gptq] refit`, issue 22).
 
-    run_gptaq(model, reference_layers, recipe, ctx) -> model
+    run_refit(model, reference_layers, recipe, ctx) -> model
 
-Why: stage `gptq` fits each linear's quantized weight Q to its *float* inputs X, minimising
-||X Wᵀ − X Qᵀ||. The quantized model feeds the linear something else: X̃, its own activations
-(earlier layers quantized, the input MX-quantized, online rotations applied). What decides the
-model's output is ||X Wᵀ − X̃ Qᵀ||: the unquantized linear's output, reached from the quantized
-model's input. GPTAQ (Li et al., 2025, "asymmetric calibration") minimises that instead.
+Why: stage `gptq` fits each linear's quantized weight Q to its inputs with the *weights-only*
+model (activation quantizers are not applied then), minimising ||X Wᵀ − X Qᵀ||. The quantized
+model feeds the linear something else: X̃, its own activations (earlier layers quantized, the
+input MX-quantized, online rotations applied). Once the transform and the rotation search have
+fixed those quantizers, this stage fits every GPTQ linear again on X̃:
 
-How (a closed form that keeps one GPTQ implementation): with H̃ = X̃ᵀX̃ and
-W* = W XᵀX̃ H̃⁻¹, the least-squares map from X̃ to X Wᵀ,
-    ||X Wᵀ − X̃ Qᵀ||² = ||X̃ (W* − Q)ᵀ||² + ||X Wᵀ − X̃ W*ᵀ||²
-(a least-squares residual is orthogonal to the columns of X̃), and the second term does not
-depend on Q. So the refit is the MX GPTQ of stage gptq (`mx_gptq`, same scale search, intra-block
-rule and damping) run on the target W* under the Hessian H̃. W* is solved with the same damping
-λ = damp_percent · mean diag H̃ as a ridge towards W: argmin ||X Wᵀ − X̃ Qᵀ||² + λ||Q − W||²
-(finite when X̃ has dead columns; a ridge towards 0 instead zeroed the weights of directions the
-calibration barely visits, and the demo model's test perplexity went from 105 to 459).
+  refit = "quantized_inputs"  GPTQ of W under H̃ = X̃ᵀX̃: minimise ||X̃ Wᵀ − X̃ Qᵀ||, the weight
+                              error on the inputs the linear will really see.
+  refit = "asymmetric"        GPTAQ's asymmetric calibration (Li et al., 2025): minimise
+                              ||X Wᵀ − X̃ Qᵀ||, the unquantized linear's output from the quantized
+                              input, X from a copy of the unquantized layers.
 
-Lifecycle (in the pipeline: rotate -> gptq -> transform -> rotsearch -> gptaq):
+"asymmetric" in closed form, so one GPTQ implementation serves both: with
+W* = W (XᵀX̃ + λI)(H̃ + λI)⁻¹, the minimiser of ||X Wᵀ − X̃ Qᵀ||² + λ||Q − W||²,
+    ||X Wᵀ − X̃ Qᵀ||² + λ||Q − W||² = ||X̃ (W* − Q)ᵀ||² + λ||W* − Q||² + const
+(a least-squares residual is orthogonal to the columns of the design matrix), i.e. GPTQ of the
+target W* under H̃ with GPTQ's own damping λ = damp_percent · mean diag H̃. The ridge pulls
+towards W rather than 0: with (H̃ + λI)⁻¹ alone, directions the calibration barely visits lost
+their weights and the demo model's word perplexity went from 105 to 459.
+
+Measured on the demo model (CPU, 3 test documents, benchmarks/cpu_config_d/README.md): config C
+105.0; + "quantized_inputs" 103.8; + "asymmetric" 310.7. Where activation noise is large (W4A4
+on a 135M model), the least-squares target is a Wiener filter: it shrinks every output towards
+its mean, which is optimal for each linear alone and compounds over 30 layers. Hence
+"quantized_inputs" for the demo's D recipes; "asymmetric" stays available for larger models,
+where the published gains are (and can be measured by a user with the GPU to spare).
+
+Lifecycle (in the pipeline: rotate -> gptq -> transform -> rotsearch -> refit):
   1. `reference_layers`: a copy of the decoder layers taken before any weight was quantized
-     (after `[rotation]` when present, so both models share its basis).
+     (after `[rotation]` when present, so both share its basis): the W each refit starts from.
   2. The inputs of decoder layer 0 on `[gptq]`'s calibration windows, captured once from the
      quantized model (embeddings are never quantized, so both models start from them).
   3. Per layer, per group of linears that read one input (q/k/v, o, gate/up, down), in forward
      order, with the layer's earlier groups already refit: accumulate over all calibration tokens
-     H̃ = 2/N X̃ᵀX̃, C = 2/N XᵀX̃ and Hx = 2/N XᵀX, where X is the reference layer's input of the
-     linear and X̃ the quantized layer's input after its input quantizer; then W*, `mx_gptq`, and
-     Q written into the `MXLinear`'s weight buffer.
-  4. Each model's layer outputs are its next layer's inputs (two streams, one per model).
+     H̃ = 2/N X̃ᵀX̃ (X̃: the quantized layer's input of the linear, after its input quantizer)
+     and, for "asymmetric", C = 2/N XᵀX̃ and Hx = 2/N XᵀX (X: the reference layer's input);
+     then `mx_gptq` (same scale search, intra-block rule and damping as stage gptq) and Q
+     written into the `MXLinear`'s weight buffer.
+  4. Each model's layer outputs are its next layer's inputs (GPTQ's sequential calibration).
 
 Refit: exactly the linears stage gptq calibrated (`MXLinear.weight_source == "gptq"`), in their
-weight format. Report section `gptq_asymmetric`: per layer and linear the relative error
-sqrt(E(Q) / ||X Wᵀ||²), E(Q) = ||X Wᵀ − X̃ Qᵀ||² (from the three matrices above), for stage
-gptq's weights ("before") and the refit ones ("after"); seconds and peak memory.
+weight format. Report section `gptq_refit`: the mode, per layer and linear the relative error
+sqrt(E(Q) / E0) of the first pass's weights ("before") and the refit ones ("after"), where E is
+the mode's objective (quantized_inputs: ||X̃ (W − Q)ᵀ||², E0 = ||X̃ Wᵀ||²; asymmetric:
+||X Wᵀ − X̃ Qᵀ||², E0 = ||X Wᵀ||²); seconds and peak memory.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -62,28 +74,45 @@ from mxptq.stages.gptq import (
     _track,
     decoder_layers,
 )
-from mxptq.stages.gptq_math import mx_gptq
+from mxptq.stages.gptq_math import mx_gptq, output_energy, output_error
+
+OBJECTIVES = {
+    "quantized_inputs": "||X~ W^T - X~ Q^T||: the weight error on the quantized model's inputs",
+    "asymmetric": "||X W^T - X~ Q^T||: the unquantized linear's output from the quantized model's input",
+}
 
 
-def run_gptaq(
-    model: nn.Module, reference_layers: nn.ModuleList, recipe: Any, ctx: Any, *, windows: torch.Tensor | None = None
+def run_refit(
+    model: nn.Module,
+    reference_layers: nn.ModuleList,
+    recipe: Any,
+    ctx: Any,
+    *,
+    windows: torch.Tensor | None = None,
 ) -> nn.Module:
     """The stage (module docstring): refit weights written into the model; ctx.report section.
+    reference_layers: a copy of the unquantized decoder layers (the weights W the refit starts
+        from; for "asymmetric" also the stream of unquantized inputs X).
     windows: calibration token ids [n, seqlen]; default `[gptq]`'s windows (same seed and split)."""
     cfg = recipe.gptq
+    mode = cfg.refit
     device = _device(ctx, recipe)
     _, layers = decoder_layers(model)
     if len(reference_layers) != len(layers):
-        raise ModelError(f"GPTAQ: {len(reference_layers)} reference layers for a model of {len(layers)}")
+        raise ModelError(f"GPTQ refit: {len(reference_layers)} unquantized layers for a model of {len(layers)}")
+    asymmetric = mode == "asymmetric"
     scale_search = "output" if cfg.clip_search_y else "quantile" if cfg.quantile_search else "absmax"
     if windows is None:
         windows = _calibration_windows(recipe, ctx)
     start = time.perf_counter()
     _reset_peak(device)
     quantized = _capture_first_layer_inputs(model, layers[0], windows, cfg.cali_batch_size, device)
-    reference = [_LayerInput(b.hidden.clone(), b.args, b.kwargs) for b in quantized]
+    reference = None
+    if asymmetric:
+        reference = [_LayerInput(b.hidden.clone(), b.args, b.kwargs) for b in quantized]
     summary: dict[str, Any] = {
-        "objective": "||X W^T - X~ Q^T||: the unquantized linear's output from the quantized model's input",
+        "mode": mode,
+        "objective": OBJECTIVES[mode],
         "scale_search": scale_search,
         "intra_block": cfg.intra_block,
         "damp_percent": cfg.damp_percent,
@@ -91,7 +120,7 @@ def run_gptaq(
         "seqlen": int(windows.shape[1]),
         "layers": [],
     }
-    for index in _track(range(len(layers)), "GPTAQ layers", enabled=bool(getattr(ctx, "progress", True))):
+    for index in _track(range(len(layers)), "GPTQ refit layers", enabled=bool(getattr(ctx, "progress", True))):
         layer_start = time.perf_counter()
         ref_layer = reference_layers[index]
         home = next(ref_layer.parameters()).device
@@ -99,11 +128,9 @@ def run_gptaq(
         try:
             with torch.no_grad():
                 record = _refit_layer(layers[index], ref_layer, reference, quantized, cfg, scale_search)
-                reference = _forward(ref_layer, reference)
-                if os.environ.get("MXPTQ_GPTAQ_STREAM", "sequential") == "local":
-                    quantized = reference
-                else:
-                    quantized = _run_on_device(layers[index], device, lambda layer: _forward(layer, quantized))
+                if asymmetric:
+                    reference = _forward(ref_layer, reference)
+                quantized = _run_on_device(layers[index], device, lambda layer: _forward(layer, quantized))
         finally:
             ref_layer.to(home)
         record.update(index=index, seconds=round(time.perf_counter() - layer_start, 4))
@@ -114,14 +141,14 @@ def run_gptaq(
     summary["peak_mem_bytes"] = _peak(device) if device.type == "cuda" else None
     report = getattr(ctx, "report", None)
     if report is not None:
-        report["gptq_asymmetric"] = summary
+        report["gptq_refit"] = summary
     return model
 
 
 def _refit_layer(
     layer: nn.Module,
     ref_layer: nn.Module,
-    reference: list[_LayerInput],
+    reference: list[_LayerInput] | None,
     quantized: list[_LayerInput],
     cfg: Any,
     scale_search: str,
@@ -131,61 +158,75 @@ def _refit_layer(
     if not linears:
         return record
     for group in _input_groups(layer, linears, quantized[0]):
-        H_q, C, H_x = _statistics(layer, linears[group[0]], ref_layer, ref_layer.get_submodule(group[0]),
-                                  reference, quantized)
-        mode = os.environ.get("MXPTQ_GPTAQ_TARGET", "asym")
-        if mode == "fp":
-            H_q, C = H_x.clone(), H_x.clone()
-        elif mode == "sym":
-            C = H_q.clone()
+        first = linears[group[0]]
+        H_q = _gram(layer, first, quantized, first.input_quantizer)
+        if reference is not None:  # asymmetric
+            C, H_x = _cross_statistics(layer, first, ref_layer, ref_layer.get_submodule(group[0]), reference, quantized)
         for name in group:
             mx = linears[name]
-            W = ref_layer.get_submodule(name).weight.detach().to(torch.float32)
             before = mx.weight.detach().to(torch.float32, copy=True)  # the buffer is overwritten below
-            target = least_squares_target(W, H_q, C, float(os.environ.get("MXPTQ_GPTAQ_RIDGE", cfg.damp_percent)))
+            W = ref_layer.get_submodule(name).weight.detach().to(torch.float32)
+            # quantized_inputs: GPTQ of W itself on X̃; asymmetric: of the least-squares target
+            target = W if reference is None else least_squares_target(W, H_q, C, cfg.damp_percent)
             Q, stats = mx_gptq(target, H_q, mx.weight_fmt, damp_percent=cfg.damp_percent,
                                scale_search=scale_search, intra_block=cfg.intra_block)
             mx.weight.copy_(Q.to(mx.weight.dtype))
-            energy = float(torch.einsum("ij,jk,ik->", W.double(), H_x.double(), W.double()))
-            record["linears"][name] = {
+            after = mx.weight.to(torch.float32)
+            if reference is None:
+                energy = output_energy(W, H_q)
+                errors = output_error(W, before, H_q), output_error(W, after, H_q)
+            else:
+                energy = float(torch.einsum("ij,jk,ik->", W.double(), H_x.double(), W.double()))
+                errors = asymmetric_error(W, before, H_q, C, H_x), asymmetric_error(W, after, H_q, C, H_x)
+            stats_out = {
                 "format": mx.weight_fmt.label,
                 "output_energy": energy,
-                "error_before": asymmetric_error(W, before, H_q, C, H_x),
-                "error_after": asymmetric_error(W, mx.weight.to(torch.float32), H_q, C, H_x),
+                "error_before": errors[0],
+                "error_after": errors[1],
                 "damp_percent": stats.damp_percent,
                 "fallback_rtn": stats.fallback_rtn,
             }
-            stats_out = record["linears"][name]
-            stats_out["rel_error_before"] = _relative(stats_out["error_before"], energy)
-            stats_out["rel_error_after"] = _relative(stats_out["error_after"], energy)
-        del H_q, C, H_x
+            stats_out["rel_error_before"] = _relative(errors[0], energy)
+            stats_out["rel_error_after"] = _relative(errors[1], energy)
+            record["linears"][name] = stats_out
     return record
 
 
-def _statistics(
+def _gram(layer: nn.Module, linear: MXLinear, batches: list[_LayerInput], transform: Any) -> torch.Tensor:
+    """H̃ = 2/N X̃ᵀX̃ (fp32) over every calibration token, X̃ = transform(the linear's input)."""
+    n = linear.in_features
+    H = torch.zeros(n, n, dtype=torch.float32, device=linear.weight.device)
+    tokens = 0
+    for batch in batches:
+        x = _linear_input(layer, linear, batch, transform)
+        H.addmm_(x.t(), x)
+        tokens += x.shape[0]
+    return H.mul_(2.0 / max(tokens, 1))
+
+
+def _cross_statistics(
     layer: nn.Module,
     linear: MXLinear,
     ref_layer: nn.Module,
     ref_linear: nn.Linear,
     reference: list[_LayerInput],
     quantized: list[_LayerInput],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(H̃, C, Hx) = 2/N (X̃ᵀX̃, XᵀX̃, XᵀX) over every calibration token (fp32)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, Hx) = 2/N (XᵀX̃, XᵀX) over every calibration token (fp32), batch for batch."""
     n = linear.in_features
     device = linear.weight.device
-    H_q, C, H_x = (torch.zeros(n, n, dtype=torch.float32, device=device) for _ in range(3))
+    C, H_x = (torch.zeros(n, n, dtype=torch.float32, device=device) for _ in range(2))
     tokens = 0
     for ref_batch, q_batch in zip(reference, quantized):
         x = _linear_input(ref_layer, ref_linear, ref_batch, lambda inp: inp)
         x_q = _linear_input(layer, linear, q_batch, linear.input_quantizer)
         if x.shape != x_q.shape:
-            raise ModelError(f"GPTAQ: the reference and quantized inputs differ in shape ({x.shape} vs {x_q.shape})")
-        H_q.addmm_(x_q.t(), x_q)
+            raise ModelError(f"GPTQ refit: reference and quantized inputs differ in shape ({x.shape} vs {x_q.shape})")
         C.addmm_(x.t(), x_q)
         H_x.addmm_(x.t(), x)
         tokens += x.shape[0]
     scale = 2.0 / max(tokens, 1)
-    return H_q.mul_(scale), C.mul_(scale), H_x.mul_(scale)
+    return C.mul_(scale), H_x.mul_(scale)
 
 
 def _linear_input(layer: nn.Module, linear: nn.Module, batch: _LayerInput, transform: Any) -> torch.Tensor:
@@ -205,7 +246,7 @@ def _linear_input(layer: nn.Module, linear: nn.Module, batch: _LayerInput, trans
     finally:
         handle.remove()
     if not captured:
-        raise ModelError("GPTAQ: a layer's forward never called one of its refit linears")
+        raise ModelError("GPTQ refit: a layer's forward never called one of its refit linears")
     return captured[0]
 
 

@@ -91,6 +91,8 @@ def scale_exp(amax: float, name: str, rule: str) -> int:
         return 128
     if amax == 0:
         return -127
+    if rule == "mse":  # the search's starting point: the family's default rule
+        return scale_exp(amax, name, "ocp" if name in FP_SPEC else "tutorial")
     if rule == "ocp":
         s = floor_log2(amax) - emax(name)
     elif rule == "tutorial":
@@ -124,7 +126,7 @@ def round_element(v: Fraction, name: str, rule: str) -> Fraction:
     b = int_bits(name)
     scaled = v * 2 ** (b - 2)
     code = round(scaled)  # Python rounds Fractions half to even
-    lowest = -(2 ** (b - 1)) if rule == "tutorial" else -(2 ** (b - 1) - 1)
+    lowest = -(2 ** (b - 1)) if rule in ("tutorial", "mse") else -(2 ** (b - 1) - 1)
     code = max(lowest, min(2 ** (b - 1) - 1, code))
     return Fraction(code, 2 ** (b - 2))
 
@@ -136,8 +138,21 @@ def quantize_block(block: list[float], name: str, rule: str) -> list[float]:
     s = scale_exp(amax, name, rule)
     if s == 128:
         return [math.nan] * len(block)
-    scale = Fraction(2) ** s
-    return [float(round_element(Fraction(x) / scale, name, rule) * scale) for x in block]
+
+    def at(s: int) -> list[Fraction]:
+        scale = Fraction(2) ** s
+        return [round_element(Fraction(x) / scale, name, rule) * scale for x in block]
+
+    best = at(s)
+    if rule == "mse" and s != -127:  # exact squared errors; ties stay with s, then s - 1
+        best_error = sum((q - Fraction(x)) ** 2 for q, x in zip(best, block))
+        for candidate in (s - 1, s + 1):
+            if -127 <= candidate <= 127:
+                values = at(candidate)
+                error = sum((q - Fraction(x)) ** 2 for q, x in zip(values, block))
+                if error < best_error:
+                    best, best_error = values, error
+    return [float(v) for v in best]
 
 
 def quantize_rows(rows: list[list[float]], name: str, rule: str, block_size: int) -> list[list[float]]:

@@ -31,10 +31,13 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and Triton's interpreter is off", allow_module_level=True)
 
+# The kernels implement the fixed rules; the searched `mse` rule runs in the torch path (declined
+# below, in test_kernels_decline_the_searched_rule).
 ALL_FORMATS = [
     Format(elem, 32, rule)
     for elem in ELEMENT_FORMATS.values()
     for rule in ALLOWED_SCALE_RULES[elem.kind]
+    if rule is not ScaleRule.MSE
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -91,6 +94,16 @@ def test_quantize_bit_exact_every_format(fmt: Format, dtype: torch.dtype) -> Non
         x = _hard_rows(row_len, dtype).to(DEVICE)
         got = kernels.fake_quantize_last_axis(x, f)
         _assert_same(got.cpu(), quantize_reference(x.cpu(), f), f"{f.label} {dtype} n={row_len}")
+
+
+@pytest.mark.parametrize("name", ["int4", "e2m1"])
+def test_kernels_decline_the_searched_rule(name: str) -> None:
+    fmt = Format(ELEMENT_FORMATS[name], 32, ScaleRule.MSE)
+    x = _hard_rows(64, torch.float32).to(DEVICE)
+    assert kernels.try_quantize(x, fmt, -1) is None
+    from mxptq.formats import quantize
+
+    _assert_same(quantize(x, fmt).cpu(), quantize_reference(x.cpu(), fmt), f"{fmt.label} dispatch")
 
 
 @pytest.mark.parametrize("fmt", [Format(ELEMENT_FORMATS["int4"], 32), Format(ELEMENT_FORMATS["e2m1"], 32)], ids=_ids)
