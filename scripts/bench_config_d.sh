@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # Config D and its ablation (issue 22) on one GPU: every run on the full WikiText-2 test split.
 #
-#   bash scripts/bench_config_d.sh OUT_DIR [extra mxptq flags, e.g. --data-dir DIR]
+#   JOBS=4 bash scripts/bench_config_d.sh OUT_DIR [extra mxptq flags, e.g. --device cuda --dtype float16]
 #
 # Runs (each in its own working directory OUT_DIR/<run>, so no GPTQ checkpoint or rotation cache
 # is shared between variants; MODEL, default smollm2-135m, picks the model):
 #   fp                      the unquantized model (mxptq eval-ppl)
 #   tutorial_c_rotsearch    config C, MXINT4 (recipes/)        mxfp4_c_rotsearch   config C, MXFP4
-#   d_mxint4, d_mxfp4       config D (recipes/): [rotation] + GPTQ after it + rotation search
-#   ablation, MXINT4, variants of recipes/d_mxint4.toml written to OUT_DIR/recipes/:
-#     abl_rotation_rtn      [rotation] alone: no GPTQ, no rotation search
-#     abl_rotation_gptq     [rotation] + GPTQ, no rotation search
-#     abl_r1_only           only R1 (heads = false, online = []) + GPTQ + rotation search
-#     abl_no_online         R1 + R2 (online = []) + GPTQ + rotation search
-#     abl_online_o_down     D with o_proj's input rotated online too (online = ["o_proj", "down_proj"])
-#     abl_online_all        D with every linear's input rotated online too (a Hadamard on top of R1)
+#   d_mxint4, d_mxfp4       config D (recipes/): C + the mse scale rule + GPTQ refit on quantized inputs
+#   ablation, MXINT4, each technique added to C alone, or changed in D (OUT_DIR/recipes/):
+#     abl_c_mse             C + [formats] mxint_scale_rule = "mse"
+#     abl_c_refit           C + [gptq] refit = "quantized_inputs"
+#     abl_c_rotation        C + [rotation] (R1 + R2 + online down_proj, weights rotated before GPTQ)
+#     abl_d_refit_asym      D with refit = "asymmetric" (GPTAQ) instead
+#     abl_d_rotation        D + [rotation]
 #   d_mxint4_reload         `mxptq eval-ppl --checkpoint OUT_DIR/d_mxint4/checkpoint`: the saved D
 #                           checkpoint evaluated again (same perplexity expected, bit for bit)
 # then OUT_DIR/summary.md (`mxptq report` over every report.json).
@@ -29,22 +28,25 @@ cp "$REPO"/recipes/{tutorial_c_rotsearch,mxfp4_c_rotsearch,d_mxint4,d_mxfp4}.tom
 "$PY" - "$OUT/recipes" <<'PY'
 import re, sys
 from pathlib import Path
-out = Path(sys.argv[1]); base = (out / "d_mxint4.toml").read_text()
-def drop(text, table):  # remove [table] (and its sub-tables) up to the next table header
-    return re.sub(rf"^\[{re.escape(table)}(\.[^\]]*)?\]\n(?:(?!\[).*\n|\n)*", "", text, flags=re.M)
-def setkey(text, key, value):
-    return re.sub(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
-no_gptq = re.sub(r"^gptq = true\n", "", drop(base, "gptq"), flags=re.M)
+out = Path(sys.argv[1])
+c, d = (out / "tutorial_c_rotsearch.toml").read_text(), (out / "d_mxint4.toml").read_text()
+ROTATION = '[rotation]\nresidual = true\nheads = true\nonline = ["down_proj"]\n'
+def own_dirs(text, name):  # no variant reuses another's GPTQ checkpoint or rotation cache
+    return re.sub(r"checkpoints/[a-z_0-9]+", f"checkpoints/{name}", text)
+def after_by(text, table):  # a table right after the leading `by = ...` line
+    return re.sub(r"^(by = .*\n)", lambda m: m.group(1) + table, text, count=1, flags=re.M)
+def refit(text, mode):
+    text = re.sub(r"^refit = .*\n", "", text, flags=re.M)
+    return text.replace("clip_search_y = true\n", f'clip_search_y = true\nrefit = "{mode}"\n', 1)
 variants = {
-    "abl_rotation_rtn": drop(no_gptq, "rotation_search"),
-    "abl_rotation_gptq": drop(base, "rotation_search"),
-    "abl_r1_only": setkey(setkey(base, "heads", "false"), "online", "[]"),
-    "abl_no_online": setkey(base, "online", "[]"),
-    "abl_online_o_down": setkey(base, "online", '["o_proj", "down_proj"]'),
-    "abl_online_all": setkey(base, "online", str(list(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))).replace("'", '"')),
+    "abl_c_mse": after_by(c, '[formats]\nmxint_scale_rule = "mse"\n'),
+    "abl_c_refit": refit(c, "quantized_inputs"),
+    "abl_c_rotation": after_by(c, ROTATION),
+    "abl_d_refit_asym": refit(d, "asymmetric"),
+    "abl_d_rotation": after_by(d, ROTATION),
 }
 for name, text in variants.items():
-    (out / f"{name}.toml").write_text(f"# {name}: a variant of recipes/d_mxint4.toml (scripts/bench_config_d.sh)\n" + text)
+    (out / f"{name}.toml").write_text(f"# {name}: a variant (scripts/bench_config_d.sh)\n" + own_dirs(text, name))
 PY
 run() {  # name, mxptq arguments...
   local name=$1; shift
@@ -58,8 +60,8 @@ run() {  # name, mxptq arguments...
 # only their perplexities are comparable.
 run fp eval-ppl --model "$MODEL" "$@"
 run d_mxint4 quantize "$OUT/recipes/d_mxint4.toml" --model "$MODEL" --no-fp-eval "$@"
-for name in tutorial_c_rotsearch mxfp4_c_rotsearch d_mxfp4 abl_rotation_rtn abl_rotation_gptq \
-            abl_r1_only abl_no_online abl_online_o_down abl_online_all; do
+for name in tutorial_c_rotsearch mxfp4_c_rotsearch d_mxfp4 abl_c_mse abl_c_refit abl_c_rotation \
+            abl_d_refit_asym abl_d_rotation; do
   while (( $(jobs -rp | wc -l) >= ${JOBS:-1} )); do wait -n; done
   run "$name" quantize "$OUT/recipes/$name.toml" --model "$MODEL" --no-fp-eval "$@" &
 done

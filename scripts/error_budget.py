@@ -72,7 +72,8 @@ def main() -> int:
         "KV cache only": {"kv_cache"},
         "all (W4A4KV4)": set(FAMILIES),
     }
-    overrides = dict(model=args.model, data_dir=args.data_dir, limit=args.limit, device=args.device, dtype=args.dtype)
+    overrides = {"model": args.model, "data_dir": args.data_dir, "limit": args.limit, "device": args.device,
+                 "dtype": args.dtype}
     base = parse_recipe(tomlkit.dumps(variant(raw, set(), False))).with_overrides(**overrides)
     model, ctx = _open(base, RunOptions(progress=False), "error_budget")
     results = [dict(row="unquantized", rotation=False, **_metrics(_evaluate(model, base, ctx, "fp")))]

@@ -15,8 +15,8 @@
 #   mxfp4_b_gptq          recipes/mxfp4_b_gptq.toml
 #   mxfp4_c_rotsearch     recipes/mxfp4_c_rotsearch.toml
 #   tutorial_a_symmetric  recipes/tutorial_a_symmetric.toml config A with the symmetric MXINT rule
-#   d_mxint4, d_mxfp4     recipes/d_*.toml                  config D (issue 22): [rotation] before
-#                         GPTQ, then rotation search (its own GPTQ checkpoint and cache)
+#   d_mxint4, d_mxfp4     recipes/d_*.toml                  config D (issue 22): C + the mse scale
+#                         rule + GPTQ refit on quantized inputs (its own GPTQ checkpoint and cache)
 # then `mxptq report ... > DIR/summary.md` and `scripts/plot_progression.py DIR`
 # (DIR/progression.png, DIR/table.md). Each run's process wall time and exit status go to
 # DIR/<config>/process.tsv (so results of separate invocations can be merged by copying config

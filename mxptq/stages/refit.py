@@ -130,7 +130,9 @@ def run_refit(
                 record = _refit_layer(layers[index], ref_layer, reference, quantized, cfg, scale_search)
                 if asymmetric:
                     reference = _forward(ref_layer, reference)
-                quantized = _run_on_device(layers[index], device, lambda layer: _forward(layer, quantized))
+                quantized = _run_on_device(
+                    layers[index], device, lambda layer, batches=quantized: _forward(layer, batches)
+                )
         finally:
             ref_layer.to(home)
         record.update(index=index, seconds=round(time.perf_counter() - layer_start, 4))

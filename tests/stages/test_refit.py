@@ -13,8 +13,8 @@ import torch
 from conftest import make_tiny_llama
 
 from mxptq.recipe import RecipeError, parse_recipe
-from mxptq.stages.refit import asymmetric_error, least_squares_target, run_refit
 from mxptq.stages.gptq import decoder_layers, run_gptq
+from mxptq.stages.refit import asymmetric_error, least_squares_target, run_refit
 from mxptq.stages.transform import quantize_model
 
 LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -75,10 +75,11 @@ def test_asymmetric_error_equals_the_output_error_computed_directly():
     assert float(split) == pytest.approx(float(direct), rel=1e-9)
 
 
-def _recipe(refit: str) -> object:
+def _recipe(refit: str, scale_rule: str | None = None) -> object:
     return parse_recipe(
         'by = "regex_name"\n'
-        "[gptq]\nformat = \"mxint\"\nnsamples = 128\nseqlen = 32\ncali_batch_size = 32\nclip_search_y = true\n"
+        + (f'[formats]\nmxint_scale_rule = "{scale_rule}"\n' if scale_rule else "")
+        + "[gptq]\nformat = \"mxint\"\nnsamples = 128\nseqlen = 32\ncali_batch_size = 32\nclip_search_y = true\n"
         f"refit = \"{refit}\"\n"
         "[gptq.weight_config]\nweight_block_size = 32\nweight_width = 4\n"
         "['model\\.layers\\.\\d+\\.self_attn$']\nname = \"mxint\"\n"
@@ -140,14 +141,14 @@ def test_refit_lowers_its_objective_and_the_logits_error(refit):
 
 def test_refit_checkpoint_reloads_bit_identical(tmp_path):
     """The refit writes into MXLinear weight buffers after the transform; the packed checkpoint
-    must carry those weights, not the first pass's."""
+    must carry those weights, not the first pass's. With config D's searched (mse) exponents."""
     from mxptq.checkpoint import load_quantized, save_quantized
 
     base = make_tiny_llama(seed=9)
     g = torch.Generator().manual_seed(10)
     windows = torch.randint(0, base.config.vocab_size, (8, 32), generator=g)
     ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=g)
-    recipe = _recipe("quantized_inputs")
+    recipe = _recipe("quantized_inputs", scale_rule="mse")
     ctx = SimpleNamespace(device=torch.device("cpu"), report={}, force=True, progress=False, model_info=None)
     reference_layers = copy.deepcopy(decoder_layers(base)[1])
     model = quantize_model(run_gptq(base, recipe, ctx, windows=windows), recipe, None)
