@@ -282,8 +282,9 @@ def _input_groups(layer: nn.Module, linears: dict[str, nn.Linear], batch: _Layer
     return groups
 
 
-def _hessian(layer: nn.Module, linear: nn.Linear, batches: list[_LayerInput]) -> torch.Tensor:
-    """H = 2/N sum x x^T (fp32) over the inputs x of `linear` on all calibration tokens. Each forward
+def _hessian(layer: nn.Module, linear: nn.Module, batches: list[_LayerInput], transform: Any = None) -> torch.Tensor:
+    """H = 2/N sum x x^T (fp32) over the inputs x of `linear` on all calibration tokens, after
+    `transform` when given (stage refit: the quantized linear's input quantizer). Each forward
     is stopped at the linear's input (nothing after it is needed)."""
     columns = linear.in_features
     H = torch.zeros(columns, columns, dtype=torch.float32, device=linear.weight.device)
@@ -291,7 +292,8 @@ def _hessian(layer: nn.Module, linear: nn.Linear, batches: list[_LayerInput]) ->
 
     def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
         nonlocal n_tokens
-        x = args[0].reshape(-1, columns).to(torch.float32)
+        x = args[0] if transform is None else transform(args[0])
+        x = x.reshape(-1, columns).to(torch.float32)
         H.addmm_(x.t(), x)
         n_tokens += x.shape[0]
         raise _StopForward

@@ -64,6 +64,7 @@ from mxptq.stages.gptq import (
     _capture_first_layer_inputs,
     _device,
     _forward,
+    _hessian,
     _input_groups,
     _LayerInput,
     _peak,
@@ -161,7 +162,7 @@ def _refit_layer(
         return record
     for group in _input_groups(layer, linears, quantized[0]):
         first = linears[group[0]]
-        H_q = _gram(layer, first, quantized, first.input_quantizer)
+        H_q = _hessian(layer, first, quantized, first.input_quantizer)  # H̃, on X̃
         if reference is not None:  # asymmetric
             C, H_x = _cross_statistics(layer, first, ref_layer, ref_layer.get_submodule(group[0]), reference, quantized)
         for name in group:
@@ -192,18 +193,6 @@ def _refit_layer(
             stats_out["rel_error_after"] = _relative(errors[1], energy)
             record["linears"][name] = stats_out
     return record
-
-
-def _gram(layer: nn.Module, linear: MXLinear, batches: list[_LayerInput], transform: Any) -> torch.Tensor:
-    """H̃ = 2/N X̃ᵀX̃ (fp32) over every calibration token, X̃ = transform(the linear's input)."""
-    n = linear.in_features
-    H = torch.zeros(n, n, dtype=torch.float32, device=linear.weight.device)
-    tokens = 0
-    for batch in batches:
-        x = _linear_input(layer, linear, batch, transform)
-        H.addmm_(x.t(), x)
-        tokens += x.shape[0]
-    return H.mul_(2.0 / max(tokens, 1))
 
 
 def _cross_statistics(
