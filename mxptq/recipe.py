@@ -218,6 +218,9 @@ class GptqTable(_Table):
     # towards the unquantized output); mxptq/stages/refit.py. The weights-only pass still runs
     # first (the rotation search scores it).
     refit: Refit = "none"
+    # true: columns in order of decreasing Hessian diagonal, MX block exponents fixed first
+    # (GPTQ's act-order with static groups; mxptq/stages/gptq_math.py).
+    act_order: StrictBool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,6 +359,7 @@ class GptqConfig(_Table):
     intra_block: Literal["joint", "column"] = "joint"
     split: Split | None = None
     refit: Refit = "none"
+    act_order: bool = False
 
 
 class Recipe(_Table):

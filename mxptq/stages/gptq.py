@@ -86,6 +86,7 @@ class _Settings:
     scale_search: str
     intra_block: str
     damp_percent: float
+    act_order: bool = False
 
 
 def run_gptq(
@@ -113,6 +114,7 @@ def gptq_calibrate(
         scale_search="output" if cfg.clip_search_y else "quantile" if cfg.quantile_search else "absmax",
         intra_block=cfg.intra_block,
         damp_percent=cfg.damp_percent,
+        act_order=cfg.act_order,
     )
     if windows is None:
         windows = _calibration_windows(recipe, ctx)
@@ -130,6 +132,7 @@ def gptq_calibrate(
         "scale_search": settings.scale_search,
         "intra_block": settings.intra_block,
         "damp_percent": settings.damp_percent,
+        "act_order": settings.act_order,
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "cali_batch_size": cfg.cali_batch_size,
@@ -219,6 +222,7 @@ def _gptq_linears_sharing_h(
         damp_percent=settings.damp_percent,
         scale_search=settings.scale_search,
         intra_block=settings.intra_block,
+        act_order=settings.act_order,
     )
     out: dict[str, dict[str, Any]] = {}
     row = 0

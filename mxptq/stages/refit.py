@@ -117,6 +117,7 @@ def run_refit(
         "scale_search": scale_search,
         "intra_block": cfg.intra_block,
         "damp_percent": cfg.damp_percent,
+        "act_order": cfg.act_order,
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "layers": [],
@@ -172,7 +173,7 @@ def _refit_layer(
             # quantized_inputs: GPTQ of W itself on X̃; asymmetric: of the least-squares target
             target = W if reference is None else least_squares_target(W, H_q, C, cfg.damp_percent)
             Q, stats = mx_gptq(target, H_q, mx.weight_fmt, damp_percent=cfg.damp_percent,
-                               scale_search=scale_search, intra_block=cfg.intra_block)
+                               scale_search=scale_search, intra_block=cfg.intra_block, act_order=cfg.act_order)
             mx.weight.copy_(Q.to(mx.weight.dtype))
             after = mx.weight.to(torch.float32)
             if reference is None:
