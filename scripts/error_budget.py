@@ -3,7 +3,7 @@ a time (weights only, linear inputs only, KV cache only, all three), with and wi
 [rotation], on a model loaded once.
 
     python scripts/error_budget.py RECIPE --model smollm2-135m [--data-dir D] [--limit N]
-        [--device cpu] [--dtype float32] [--json OUT.json]
+        [--device cpu] [--dtype float32] [--json OUT.json] [--no-rotation]
 
 RECIPE's selectors give the formats (its [gptq] and [rotation_search] are dropped: this is RTN,
 so the rows isolate the quantizers, not the calibration). Prints a markdown table of word/token
@@ -64,6 +64,7 @@ def main() -> int:
     parser.add_argument("--device")
     parser.add_argument("--dtype")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-rotation", action="store_true", help="skip the rows with [rotation]")
     args = parser.parse_args()
     raw = tomllib.loads(args.recipe.read_text())
     rows = {
@@ -77,7 +78,7 @@ def main() -> int:
     base = parse_recipe(tomlkit.dumps(variant(raw, set(), False))).with_overrides(**overrides)
     model, ctx = _open(base, RunOptions(progress=False), "error_budget")
     results = [dict(row="unquantized", rotation=False, **_metrics(_evaluate(model, base, ctx, "fp")))]
-    for rotation in (False, True):
+    for rotation in (False,) if args.no_rotation else (False, True):
         for name, keep in rows.items():
             recipe = parse_recipe(tomlkit.dumps(variant(raw, keep, rotation))).with_overrides(**overrides)
             start = time.perf_counter()
