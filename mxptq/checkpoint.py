@@ -21,7 +21,8 @@ A checkpoint is a directory (issue 8)::
 
 Only safetensors and JSON are written: nothing is pickled, so loading never runs stored code.
 The directory is written to a temporary sibling and renamed into place at the end, so a crash
-never leaves a half-written checkpoint where a later run would read it.
+never leaves a half-written checkpoint where a later run would read it. The directory and its
+files get the modes a plain mkdir/open gives under the umask, not tempfile's 0700/0600 (issue 29).
 
 Reloading (`load_quantized`) verifies the manifest first, builds the architecture from
 config.json with meta (unallocated) parameters, re-applies the recipe's module swaps with
@@ -50,7 +51,7 @@ from torch import nn
 
 from mxptq import __version__
 from mxptq.errors import CheckpointError
-from mxptq.io import fsync_dir
+from mxptq.io import atomic_save_safetensors, fsync_dir, make_temp_dir
 
 #: Name written in manifest.json["format"]; a directory whose manifest lacks it is not ours.
 CHECKPOINT_FORMAT = "mxptq-packed-mx"
@@ -219,8 +220,6 @@ def save_quantized(
     If `report` is a `mxptq.report.Report` (or a dict), its "checkpoint" section is set to the
     summary and the report is stored as report.json.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     dtype = _model_dtype(model)
@@ -235,12 +234,13 @@ def save_quantized(
     })
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp_dir = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         model.config.to_json_file(str(tmp_dir / CONFIG_FILE), use_diff=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp_dir))
-        save_file(tensors, str(tmp_dir / TENSORS_FILE), metadata={HEADER_KEY: json.dumps(header)})
+        # Through mxptq.io: safetensors' own writer leaves the file 0600 (issue 29).
+        atomic_save_safetensors(tmp_dir / TENSORS_FILE, tensors, {HEADER_KEY: json.dumps(header)})
 
         source = getattr(recipe, "source_path", None)
         if source is not None and Path(source).is_file():  # verbatim copy, for people to read

@@ -3,7 +3,8 @@ applies the flags that override recipe keys, and calls one function of `mxptq.pi
 
 Errors (STYLE.md rule 8, after huggingface_hub's `cli/_errors.py`): one handler,
 `_MxptqGroup.invoke`, maps user errors (`MxptqError`, `typer.BadParameter`) to ONE stderr line
-`error: ...` and exit code 2; anything else is an internal error and keeps its traceback (exit 1).
+`error: ...` and exit code 2, Ctrl-C to the line `interrupted [during stage S]` and exit code 130;
+anything else is an internal error and keeps its traceback (exit 1).
 Results go to stdout, progress to stderr.
 """
 
@@ -25,7 +26,7 @@ from mxptq.errors import ModelError, MxptqError
 from mxptq.options import RunOptions
 from mxptq.progress import progress_policy
 from mxptq.recipe import Recipe, default_recipe, load_recipe
-from mxptq.report import as_number, format_number, get_path
+from mxptq.report import as_number, format_number, get_path, interrupted_stage
 
 
 class _MxptqGroup(TyperGroup):
@@ -39,6 +40,12 @@ class _MxptqGroup(TyperGroup):
             message = str(exc)
         except typer.BadParameter as exc:  # includes a missing argument (MissingParameter)
             message = exc.format_message()
+        except KeyboardInterrupt as exc:
+            # Typer exits 130 without a word (issue 29). Files are written atomically, so an
+            # interrupted run leaves its earlier results and no half-written file.
+            stage = interrupted_stage(exc)
+            typer.echo("interrupted" + (f" during stage {stage}" if stage else ""), err=True)
+            raise typer.Exit(130) from None
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2)
 
@@ -262,7 +269,10 @@ def eval_ppl(
     ] = None,
     model: ModelOpt = None,
     checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="Evaluate a saved MX checkpoint directory.")
+        Path | None,
+        typer.Option("--checkpoint", help="Evaluate a saved MX checkpoint directory. Its report goes to "
+                     "DIR_eval_report.json beside DIR (RUN/checkpoint -> RUN/checkpoint_eval_report.json), "
+                     "never over the quantize run's RUN/report.json; --out OUT writes OUT/report.json instead."),
     ] = None,
     backend: BackendOpt = None,
     max_length: MaxLengthOpt = None,

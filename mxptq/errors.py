@@ -25,3 +25,7 @@ class DataError(MxptqError):
 
 class CheckpointError(MxptqError):
     """A checkpoint directory (GPTQ per-layer or packed MX) is missing, corrupt or stale."""
+
+
+class OutputError(MxptqError):
+    """The output directory (--out, [output].dir) cannot be written: a file, or no permission."""

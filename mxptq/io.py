@@ -6,6 +6,10 @@ How: write to a temporary file in the *same directory* (os.replace is only atomi
 file system), flush + fsync the data, os.replace over the target, then fsync the directory so
 the rename itself survives a power loss (POSIX: rename durability needs the parent dir synced).
 
+The temporary file is created with mode 0o666 (a directory 0o777) and the process umask applies,
+as for a plain open(): tempfile.mkstemp's 0600 (mkdtemp's 0700) would stay on the final file, and
+a report or checkpoint would be unreadable to the rest of a shared cluster (issue 29).
+
 A process killed mid-write (SIGKILL, OOM) leaves its temporary file behind (issue 30). The writer
 holds an exclusive flock on its temporary file while it lives, and the kernel drops the lock when
 the process dies; so each write removes the unlocked temporary files of the same target, and never
@@ -19,10 +23,12 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,6 +36,8 @@ try:
     import fcntl  # the temporary files' locks (see above)
 except ImportError:  # Windows: no flock, so orphaned temporary files stay
     fcntl = None
+
+T = TypeVar("T")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -44,9 +52,54 @@ def fsync_dir(directory: Path) -> None:
 
 
 def _temp_name_pattern(target: Path) -> re.Pattern[str]:
-    # The name atomic_path's mkstemp gives: ".{name}." + 8 characters of [a-z0-9_] (CPython's
-    # tempfile) + ".tmp"; exact, so another target's temporary file (".{name}.bin.….tmp") never matches.
+    # The name atomic_path gives: ".{name}." + 8 characters of [a-z0-9_] (as CPython's tempfile)
+    # + ".tmp"; exact, so another target's temporary file (".{name}.bin.….tmp") never matches.
     return re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+_TEMP_NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # CPython tempfile's
+
+
+def _create_unique(directory: Path, prefix: str, suffix: str, create: Callable[[Path], T]) -> T:
+    """`create(path)` for the first name prefix + 8 random characters + suffix that is not taken
+    (`create` raises FileExistsError for a taken one), as tempfile.mkstemp picks names."""
+    for _ in range(tempfile.TMP_MAX):
+        name = prefix + "".join(secrets.choice(_TEMP_NAME_CHARACTERS) for _ in range(8)) + suffix
+        try:
+            return create(directory / name)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no unused temporary name {prefix}XXXXXXXX{suffix}")
+
+
+def _create_temp_file(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """mkstemp, but with the mode a plain open() gives (see the module docstring)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    return _create_unique(directory, prefix, suffix, lambda path: (os.open(path, flags, 0o666), path))
+
+
+def make_temp_dir(directory: str | os.PathLike[str], prefix: str) -> Path:
+    """mkdtemp, but with the mode a plain mkdir gives (see the module docstring): for a directory
+    written whole and renamed into place (a packed checkpoint)."""
+
+    def make(path: Path) -> Path:
+        path.mkdir(mode=0o777)
+        return path
+
+    return _create_unique(Path(directory), prefix, "", make)
+
+
+def writable_dir_problem(directory: str | os.PathLike[str]) -> str | None:
+    """Why files cannot be written into `directory` (created if missing), or None. Checked before
+    a run loads its model, so a bad output directory fails at once, not at save time (issue 29)."""
+    existing = Path(directory)
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is {'a file' if existing.is_file() else 'not a directory'}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def remove_orphaned_temp_files(target: Path) -> None:
@@ -82,8 +135,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_orphaned_temp_files(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp_path = Path(tmp_name)
+    fd, tmp_path = _create_temp_file(target.parent, f".{target.name}.", ".tmp")
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     try:
         if fcntl is None:  # Windows: no flock, and a file still open there cannot be renamed
             os.close(fd)
@@ -95,6 +148,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as written:
             os.fsync(written.fileno())
+        # A writer that replaced the file (safetensors writes its own 0600 temporary file and
+        # renames it) gets back the mode our open gave.
+        if stat.S_IMODE(os.stat(tmp_path).st_mode) != mode:
+            os.chmod(tmp_path, mode)
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

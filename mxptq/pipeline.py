@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mxptq.context import RunContext
-from mxptq.errors import RecipeError
+from mxptq.errors import OutputError, RecipeError
 from mxptq.options import RunOptions, RunResult
 from mxptq.recipe import Recipe
 from mxptq.report import Report
@@ -82,6 +82,24 @@ def _needs_gptq(recipe: Recipe) -> bool:
     )
 
 
+def _report_path(recipe: Recipe, opts: RunOptions) -> Path:
+    """<out>/report.json, its directory checked before any model work (see `_checked_dir`)."""
+    where = "--out:" if "out" in opts.overrides else f"{recipe.source_path or '<recipe>'}: [output.dir]"
+    return _checked_dir(recipe.output_dir, where) / "report.json"
+
+
+def _checked_dir(directory: Path, where: str, hint: str = "") -> Path:
+    # Issue 29: an --out that is a file or not writable used to fail at save time, minutes into
+    # the run, with a traceback.
+    from mxptq.io import writable_dir_problem
+
+    problem = writable_dir_problem(directory)
+    if problem is not None:
+        raise OutputError(f"{where} cannot write to {directory} ({problem}); allowed: a directory that "
+                          f"exists or can be created, with write permission{hint}")
+    return directory
+
+
 def _evaluate(model: Any, recipe: Recipe, ctx: RunContext, name: str) -> dict[str, Any]:
     from mxptq.evaluate import evaluate_wikitext
 
@@ -131,20 +149,21 @@ def _quantize_in_memory(model: Any, recipe: Recipe, ctx: RunContext) -> Any:
     return model
 
 
-def _finish(ctx: RunContext, out_dir: Path, metrics: dict[str, Any] | None) -> RunResult:
+def _finish(ctx: RunContext, report_path: Path, metrics: dict[str, Any] | None) -> RunResult:
     final = metrics or {}
     if final:
         ctx.report["metrics"]["word_perplexity"] = final.get("word_perplexity")
         ctx.report["metrics"]["token_perplexity"] = final.get("token_perplexity")
-    path = ctx.report.write(out_dir / "report.json")
+    path = ctx.report.write(report_path)
     summary = {k: final[k] for k in ("word_perplexity", "token_perplexity") if k in final}
-    return RunResult(report_path=path, out_dir=out_dir, metrics=summary)
+    return RunResult(report_path=path, out_dir=report_path.parent, metrics=summary)
 
 
 def run_quantize(recipe: Recipe, opts: RunOptions) -> RunResult:
     """`mxptq quantize`: the whole pipeline; writes <out>/report.json and <out>/checkpoint/."""
+    report_path = _report_path(recipe, opts)
     model, ctx = _open(recipe, opts, "quantize")
-    out_dir = recipe.output_dir
+    out_dir = report_path.parent
     if opts.eval_fp and opts.evaluate:
         model.to(ctx.device)
         _evaluate(model, recipe, ctx, "fp")
@@ -160,7 +179,7 @@ def run_quantize(recipe: Recipe, opts: RunOptions) -> RunResult:
             )
         ctx.report["checkpoint"] = summary.to_dict()
     metrics = _evaluate(model, recipe, ctx, "quantized") if opts.evaluate else None
-    return _finish(ctx, out_dir, metrics)
+    return _finish(ctx, report_path, metrics)
 
 
 def run_gptq(recipe: Recipe, opts: RunOptions) -> RunResult:
@@ -172,10 +191,11 @@ def run_gptq(recipe: Recipe, opts: RunOptions) -> RunResult:
         )
     from mxptq.stages.gptq import run_gptq as gptq_stage
 
+    report_path = _report_path(recipe, opts)
     model, ctx = _open(recipe, opts, "gptq")
     with ctx.report.stage("gptq"):
         gptq_stage(model, recipe, ctx)
-    return _finish(ctx, recipe.output_dir, None)
+    return _finish(ctx, report_path, None)
 
 
 def run_rotsearch(recipe: Recipe, opts: RunOptions) -> RunResult:
@@ -183,9 +203,10 @@ def run_rotsearch(recipe: Recipe, opts: RunOptions) -> RunResult:
     if recipe.rotation_search is None:
         raise RecipeError(f"{recipe.source_path}: [rotation_search] `mxptq rotsearch` needs a "
                           "[rotation_search] table")
+    report_path = _report_path(recipe, opts)
     model, ctx = _open(recipe, opts, "rotsearch")
     _quantize_in_memory(model, recipe, ctx)
-    return _finish(ctx, recipe.output_dir, None)
+    return _finish(ctx, report_path, None)
 
 
 def run_eval_ppl(recipe: Recipe | None, opts: RunOptions) -> RunResult:
@@ -195,6 +216,7 @@ def run_eval_ppl(recipe: Recipe | None, opts: RunOptions) -> RunResult:
     if opts.checkpoint is not None:
         return _eval_checkpoint(opts)
     assert recipe is not None
+    report_path = _report_path(recipe, opts)
     model, ctx = _open(recipe, opts, "eval-ppl")
     if recipe.selectors:
         model = _quantize_in_memory(model, recipe, ctx)
@@ -203,13 +225,31 @@ def run_eval_ppl(recipe: Recipe | None, opts: RunOptions) -> RunResult:
         name = "fp"
     model.to(ctx.device)
     metrics = _evaluate(model, recipe, ctx, name)
-    return _finish(ctx, recipe.output_dir, metrics)
+    return _finish(ctx, report_path, metrics)
+
+
+def _checkpoint_report_path(checkpoint: Path) -> Path:
+    """Where `eval-ppl --checkpoint DIR` writes its report without --out: DIR_eval_report.json
+    beside DIR (RUN/checkpoint -> RUN/checkpoint_eval_report.json).
+
+    IMPORTANT: not the stored recipe's [output].dir: that is the quantize run's directory, and its
+    report.json (the run's result) was overwritten silently (issue 29).
+    """
+    if checkpoint.name in ("", ".."):  # "." or "RUN/checkpoint/..": name it by the real directory
+        checkpoint = checkpoint.resolve()
+    return checkpoint.parent / f"{checkpoint.name}_eval_report.json"
 
 
 def _eval_checkpoint(opts: RunOptions) -> RunResult:
     from mxptq.checkpoint import load_quantized, read_recipe
     from mxptq.data import WikiText
 
+    if "out" in opts.overrides:
+        report_path = _checked_dir(Path(opts.overrides["out"]), "--out:") / "report.json"
+    else:
+        report_path = _checkpoint_report_path(opts.checkpoint)
+        _checked_dir(report_path.parent, "--checkpoint:",
+                     f"; or pass --out DIR (without it the report goes beside the checkpoint, as {report_path.name})")
     # Flags given on the command line (data dir, limit, device...) win over the stored recipe.
     recipe = read_recipe(opts.checkpoint).with_overrides(**opts.overrides)
     report = _new_report("eval-ppl", recipe, opts, _requested_device(recipe.model.device))
@@ -220,7 +260,7 @@ def _eval_checkpoint(opts: RunOptions) -> RunResult:
     ctx = RunContext(tokenizer=tokenizer, data=data, device=report.device, report=report,
                      progress=opts.progress and not opts.quiet)
     metrics = _evaluate(model, recipe, ctx, "quantized")
-    return _finish(ctx, recipe.output_dir, metrics)
+    return _finish(ctx, report_path, metrics)
 
 
 def release(model: Any) -> None:

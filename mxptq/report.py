@@ -124,6 +124,17 @@ def _finite_or_null(value: Any, where: str, non_finite: dict[str, str]) -> Any:
     return value
 
 
+_STAGE_NOTE = "mxptq stage: "  # a note (PEP 678) that `Report.stage` adds to a KeyboardInterrupt
+
+
+def interrupted_stage(exc: BaseException) -> str | None:
+    """The stage a KeyboardInterrupt stopped (noted by `Report.stage`), or None outside any stage."""
+    for note in getattr(exc, "__notes__", ()):
+        if note.startswith(_STAGE_NOTE):
+            return note.removeprefix(_STAGE_NOTE)
+    return None
+
+
 class Report:
     """Collects what a run did; `write` saves it as JSON atomically."""
 
@@ -165,6 +176,11 @@ class Report:
         start = time.perf_counter()
         try:
             yield record
+        except KeyboardInterrupt as exc:
+            # Ctrl-C: the CLI's "interrupted" line names the innermost stage that was running (issue 29).
+            if interrupted_stage(exc) is None:
+                exc.add_note(f"{_STAGE_NOTE}{name}")
+            raise
         finally:
             if cuda:
                 torch.cuda.synchronize(self.device)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import stat
 
 import pytest
 
@@ -62,3 +65,23 @@ def test_orphaned_temp_files_of_the_target_are_removed(tmp_path):
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # another process, still writing the same target
         atomic_write_json(tmp_path / "r.json", {"ok": True})
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", live.name, *unrelated])
+
+
+@pytest.mark.parametrize(("umask", "file_mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_mode_a_plain_open_gives(tmp_path, umask, file_mode):
+    # Issue 29: mkstemp's 0600 stayed on every report and checkpoint (unreadable on a shared cluster).
+    torch = pytest.importorskip("torch")
+    from mxptq.io import atomic_save_safetensors, make_temp_dir
+
+    previous = os.umask(umask)
+    try:
+        written = [atomic_write_json(tmp_path / "report.json", {"ok": True}),
+                   # safetensors writes its own 0600 temporary file and renames it over ours
+                   atomic_save_safetensors(tmp_path / "model.safetensors", {"x": torch.zeros(2)})]
+        directory = make_temp_dir(tmp_path, prefix=".checkpoint.tmp-")
+    finally:
+        os.umask(previous)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == dict.fromkeys(
+        ["report.json", "model.safetensors"], file_mode)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
+    assert re.fullmatch(r"\.checkpoint\.tmp-[a-z0-9_]{8}", directory.name)
