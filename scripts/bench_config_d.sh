@@ -14,6 +14,7 @@
 #     abl_c_rotation        C + [rotation] (R1 + R2 + online down_proj, weights rotated before GPTQ)
 #     abl_d_refit_asym      D with refit = "asymmetric" (GPTAQ) instead
 #     abl_d_rotation        D + [rotation]
+#     abl_d_act_order       D + [gptq] act_order = true
 #   d_mxint4_reload         `mxptq eval-ppl --checkpoint OUT_DIR/d_mxint4/checkpoint`: the saved D
 #                           checkpoint evaluated again (same perplexity expected, bit for bit)
 # then OUT_DIR/summary.md (`mxptq report` over every report.json).
@@ -31,8 +32,6 @@ from pathlib import Path
 out = Path(sys.argv[1])
 c, d = (out / "tutorial_c_rotsearch.toml").read_text(), (out / "d_mxint4.toml").read_text()
 ROTATION = '[rotation]\nresidual = true\nheads = true\nonline = ["down_proj"]\n'
-def own_dirs(text, name):  # no variant reuses another's GPTQ checkpoint or rotation cache
-    return re.sub(r"checkpoints/[a-z_0-9]+", f"checkpoints/{name}", text)
 def after_by(text, table):  # a table right after the leading `by = ...` line
     return re.sub(r"^(by = .*\n)", lambda m: m.group(1) + table, text, count=1, flags=re.M)
 def refit(text, mode):
@@ -44,9 +43,10 @@ variants = {
     "abl_c_rotation": after_by(c, ROTATION),
     "abl_d_refit_asym": refit(d, "asymmetric"),
     "abl_d_rotation": after_by(d, ROTATION),
+    "abl_d_act_order": d.replace("clip_search_y = true\n", "clip_search_y = true\nact_order = true\n", 1),
 }
 for name, text in variants.items():
-    (out / f"{name}.toml").write_text(f"# {name}: a variant (scripts/bench_config_d.sh)\n" + own_dirs(text, name))
+    (out / f"{name}.toml").write_text(f"# {name}: a variant (scripts/bench_config_d.sh)\n" + text)
 PY
 run() {  # name, mxptq arguments...
   local name=$1; shift
@@ -61,7 +61,7 @@ run() {  # name, mxptq arguments...
 run fp eval-ppl --model "$MODEL" "$@"
 run d_mxint4 quantize "$OUT/recipes/d_mxint4.toml" --model "$MODEL" --no-fp-eval "$@"
 for name in tutorial_c_rotsearch mxfp4_c_rotsearch d_mxfp4 abl_c_mse abl_c_refit abl_c_rotation \
-            abl_d_refit_asym abl_d_rotation; do
+            abl_d_refit_asym abl_d_rotation abl_d_act_order; do
   while (( $(jobs -rp | wc -l) >= ${JOBS:-1} )); do wait -n; done
   run "$name" quantize "$OUT/recipes/$name.toml" --model "$MODEL" --no-fp-eval "$@" &
 done
