@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,31 +286,41 @@ def _input_groups(layer: nn.Module, linears: dict[str, nn.Linear], batch: _Layer
     return groups
 
 
+def _linear_inputs(
+    layer: nn.Module, linear: nn.Module, batches: list[_LayerInput], transform: Any = None
+) -> Iterator[torch.Tensor]:
+    """Per batch, the [tokens, in_features] fp32 input `linear` multiplies in `layer`'s forward,
+    after `transform` when given (stage refit: the quantized linear's input quantizer). Each
+    forward is stopped at the linear's input (nothing after it is needed)."""
+    captured: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if transform is None else transform(args[0])
+        captured.append(x.reshape(-1, module.in_features).to(torch.float32))
+        raise _StopForward
+
+    for batch in batches:
+        handle = linear.register_forward_pre_hook(grab)
+        try:
+            layer(batch.hidden, *batch.args, **batch.kwargs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise ModelError("GPTQ: a layer's forward never called one of its calibrated linears")
+        yield captured.pop()
+
+
 def _hessian(layer: nn.Module, linear: nn.Module, batches: list[_LayerInput], transform: Any = None) -> torch.Tensor:
-    """H = 2/N sum x x^T (fp32) over the inputs x of `linear` on all calibration tokens, after
-    `transform` when given (stage refit: the quantized linear's input quantizer). Each forward
-    is stopped at the linear's input (nothing after it is needed)."""
+    """H = 2/N sum x x^T (fp32) over the inputs x of `linear` on all calibration tokens (after
+    `transform`, see `_linear_inputs`)."""
     columns = linear.in_features
     H = torch.zeros(columns, columns, dtype=torch.float32, device=linear.weight.device)
     n_tokens = 0
-
-    def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
-        nonlocal n_tokens
-        x = args[0] if transform is None else transform(args[0])
-        x = x.reshape(-1, columns).to(torch.float32)
+    for x in _linear_inputs(layer, linear, batches, transform):
         H.addmm_(x.t(), x)
         n_tokens += x.shape[0]
-        raise _StopForward
-
-    handle = linear.register_forward_pre_hook(accumulate)
-    try:
-        for batch in batches:
-            try:
-                layer(batch.hidden, *batch.args, **batch.kwargs)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
     return H.mul_(2.0 / max(n_tokens, 1))
 
 

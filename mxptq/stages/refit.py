@@ -67,11 +67,11 @@ from mxptq.stages.gptq import (
     _hessian,
     _input_groups,
     _LayerInput,
+    _linear_inputs,
     _peak,
     _relative,
     _reset_peak,
     _run_on_device,
-    _StopForward,
     _track,
     decoder_layers,
 )
@@ -209,9 +209,9 @@ def _cross_statistics(
     device = linear.weight.device
     C, H_x = (torch.zeros(n, n, dtype=torch.float32, device=device) for _ in range(2))
     tokens = 0
-    for ref_batch, q_batch in zip(reference, quantized):
-        x = _linear_input(ref_layer, ref_linear, ref_batch, lambda inp: inp)
-        x_q = _linear_input(layer, linear, q_batch, linear.input_quantizer)
+    pairs = zip(_linear_inputs(ref_layer, ref_linear, reference), _linear_inputs(layer, linear, quantized,
+                                                                            linear.input_quantizer))
+    for x, x_q in pairs:
         if x.shape != x_q.shape:
             raise ModelError(f"GPTQ refit: reference and quantized inputs differ in shape ({x.shape} vs {x_q.shape})")
         C.addmm_(x.t(), x_q)
@@ -219,27 +219,6 @@ def _cross_statistics(
         tokens += x.shape[0]
     scale = 2.0 / max(tokens, 1)
     return C.mul_(scale), H_x.mul_(scale)
-
-
-def _linear_input(layer: nn.Module, linear: nn.Module, batch: _LayerInput, transform: Any) -> torch.Tensor:
-    """The [tokens, in_features] fp32 input `linear` multiplies in `layer`'s forward on `batch`
-    (after `transform`: the quantized linear's input quantizer); the forward stops there."""
-    captured: list[torch.Tensor] = []
-
-    def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured.append(transform(args[0]).reshape(-1, module.in_features).to(torch.float32))
-        raise _StopForward
-
-    handle = linear.register_forward_pre_hook(grab)
-    try:
-        layer(batch.hidden, *batch.args, **batch.kwargs)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise ModelError("GPTQ refit: a layer's forward never called one of its refit linears")
-    return captured[0]
 
 
 def least_squares_target(W: torch.Tensor, H_q: torch.Tensor, C: torch.Tensor, damp_percent: float) -> torch.Tensor:
