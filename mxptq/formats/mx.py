@@ -82,19 +82,26 @@ def scale_exp_from_amax(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
 def block_scale_exp(blocks: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Shared exponent of each block [..., n_blocks, block_size] -> [..., n_blocks, 1] (int32):
     `scale_exp_from_amax` of its amax, or for the `mse` rule the searched one (ScaleRule.MSE)."""
+    if fmt.scale_rule is ScaleRule.MSE:
+        return _mse_search(blocks, fmt)[0]
+    return scale_exp_from_amax(blocks.abs().amax(dim=-1, keepdim=True), fmt)
+
+
+def _mse_search(blocks: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """ScaleRule.MSE: (searched exponent [..., n_blocks, 1], the blocks quantized with it)."""
     base = scale_exp_from_amax(blocks.abs().amax(dim=-1, keepdim=True), fmt)
-    if fmt.scale_rule is not ScaleRule.MSE:
-        return base
     searchable = (base != SCALE_EXP_NAN) & (base != SCALE_EXP_ZERO_BLOCK)
-    best = base
-    best_error = (quantize_elements(blocks, fmt, base) - blocks).square().sum(dim=-1, keepdim=True)
+    best, best_q = base, quantize_elements(blocks, fmt, base)
+    best_error = (best_q - blocks).square().sum(dim=-1, keepdim=True)
     for step in (-1, 1):  # strict improvement only: ties stay with r, then r - 1
         candidate = torch.where(searchable, (base + step).clamp(SCALE_EXP_MIN, SCALE_EXP_MAX), base)
-        error = (quantize_elements(blocks, fmt, candidate) - blocks).square().sum(dim=-1, keepdim=True)
+        q = quantize_elements(blocks, fmt, candidate)
+        error = (q - blocks).square().sum(dim=-1, keepdim=True)
         better = error < best_error
         best = torch.where(better, candidate, best)
+        best_q = torch.where(better, q, best_q)
         best_error = torch.where(better, error, best_error)
-    return best
+    return best, best_q
 
 
 def _scale_factor(scale_exp: torch.Tensor) -> torch.Tensor:
@@ -171,8 +178,10 @@ def quantize_reference(x: torch.Tensor, fmt: Format, axis: int = -1) -> torch.Te
     if x.dim() == 0:
         return quantize_reference(x.reshape(1), fmt, 0).reshape(())
     blocks = _to_blocks(x.to(torch.float32), axis, fmt.block_size)
-    scale_exp = block_scale_exp(blocks, fmt)
-    dequantized = quantize_elements(blocks, fmt, scale_exp)
+    if fmt.scale_rule is ScaleRule.MSE:  # the search has already quantized every block
+        dequantized = _mse_search(blocks, fmt)[1]
+    else:
+        dequantized = quantize_elements(blocks, fmt, block_scale_exp(blocks, fmt))
     return _from_blocks(dequantized, x.shape[axis], axis).to(x.dtype)
 
 

@@ -89,6 +89,18 @@ class _Settings:
     act_order: bool = False
 
 
+def gptq_settings(recipe: Any, ctx: Any) -> _Settings:
+    """`[gptq]`'s algorithm settings (stage gptq and stage refit run the same GPTQ)."""
+    cfg = recipe.gptq
+    return _Settings(
+        device=_device(ctx, recipe),
+        scale_search="output" if cfg.clip_search_y else "quantile" if cfg.quantile_search else "absmax",
+        intra_block=cfg.intra_block,
+        damp_percent=cfg.damp_percent,
+        act_order=cfg.act_order,
+    )
+
+
 def run_gptq(
     model: nn.Module, recipe: Any, ctx: Any, *, windows: torch.Tensor | None = None, force: bool | None = None
 ) -> nn.Module:
@@ -109,13 +121,7 @@ def gptq_calibrate(
         raise RecipeError(f"{recipe.source_path or '<recipe>'}: [gptq] is missing; the GPTQ stage needs it")
     prefix, layers = decoder_layers(model)
     per_layer, skipped = _gptq_linears(model, recipe, prefix, len(layers))
-    settings = _Settings(
-        device=_device(ctx, recipe),
-        scale_search="output" if cfg.clip_search_y else "quantile" if cfg.quantile_search else "absmax",
-        intra_block=cfg.intra_block,
-        damp_percent=cfg.damp_percent,
-        act_order=cfg.act_order,
-    )
+    settings = gptq_settings(recipe, ctx)
     if windows is None:
         windows = _calibration_windows(recipe, ctx)
     force = bool(getattr(ctx, "force", False)) if force is None else force
@@ -214,24 +220,12 @@ def _gptq_linears_sharing_h(
 ) -> dict[str, dict[str, Any]]:
     """mx_gptq on the stacked weights of linears that share H; write back; per-linear stats."""
     weights = [linears[name].weight for name in names]
-    W = torch.cat([weight.detach().to(torch.float32) for weight in weights])
-    Q, stats = mx_gptq(
-        W,
-        H,
-        fmt,
-        damp_percent=settings.damp_percent,
-        scale_search=settings.scale_search,
-        intra_block=settings.intra_block,
-        act_order=settings.act_order,
-    )
+    Qs, stats = stacked_gptq([weight.detach() for weight in weights], H, fmt, settings)
     out: dict[str, dict[str, Any]] = {}
-    row = 0
-    for name, weight in zip(names, weights):
-        rows = slice(row, row + weight.shape[0])
-        row += weight.shape[0]
+    for name, weight, Q in zip(names, weights, Qs):
         W_model = weight.detach().clone()
         with torch.no_grad():
-            weight.copy_(Q[rows].to(weight.dtype))
+            weight.copy_(Q.to(weight.dtype))
         setattr(linears[name], GPTQ_FORMAT_ATTR, fmt)
         energy = output_energy(W_model, H)
         out[name] = {
@@ -248,6 +242,23 @@ def _gptq_linears_sharing_h(
         out[name]["rel_error"] = _relative(out[name]["output_error"], energy)
         out[name]["rel_error_rtn"] = _relative(out[name]["output_error_rtn"], energy)
     return out
+
+
+def stacked_gptq(
+    targets: list[torch.Tensor], H: torch.Tensor, fmt: Format, settings: _Settings
+) -> tuple[list[torch.Tensor], Any]:
+    """One `mx_gptq` over the stacked rows of several weights that share H (the rows of a GPTQ
+    problem are independent, so this equals one run per weight, with one Cholesky of H)."""
+    Q, stats = mx_gptq(
+        torch.cat([target.to(torch.float32) for target in targets]),
+        H,
+        fmt,
+        damp_percent=settings.damp_percent,
+        scale_search=settings.scale_search,
+        intra_block=settings.intra_block,
+        act_order=settings.act_order,
+    )
+    return list(Q.split([target.shape[0] for target in targets])), stats
 
 
 def _input_groups(layer: nn.Module, linears: dict[str, nn.Linear], batch: _LayerInput) -> list[list[str]]:

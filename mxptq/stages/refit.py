@@ -62,7 +62,6 @@ from mxptq.nn.linear import MXLinear
 from mxptq.stages.gptq import (
     _calibration_windows,
     _capture_first_layer_inputs,
-    _device,
     _forward,
     _hessian,
     _input_groups,
@@ -74,8 +73,10 @@ from mxptq.stages.gptq import (
     _run_on_device,
     _track,
     decoder_layers,
+    gptq_settings,
+    stacked_gptq,
 )
-from mxptq.stages.gptq_math import mx_gptq, output_energy, output_error
+from mxptq.stages.gptq_math import output_energy, output_error
 
 OBJECTIVES = {
     "quantized_inputs": "||X~ W^T - X~ Q^T||: the weight error on the quantized model's inputs",
@@ -97,12 +98,12 @@ def run_refit(
     windows: calibration token ids [n, seqlen]; default `[gptq]`'s windows (same seed and split)."""
     cfg = recipe.gptq
     mode = cfg.refit
-    device = _device(ctx, recipe)
+    settings = gptq_settings(recipe, ctx)
+    device = settings.device
     _, layers = decoder_layers(model)
     if len(reference_layers) != len(layers):
         raise ModelError(f"GPTQ refit: {len(reference_layers)} unquantized layers for a model of {len(layers)}")
     asymmetric = mode == "asymmetric"
-    scale_search = "output" if cfg.clip_search_y else "quantile" if cfg.quantile_search else "absmax"
     if windows is None:
         windows = _calibration_windows(recipe, ctx)
     start = time.perf_counter()
@@ -114,10 +115,10 @@ def run_refit(
     summary: dict[str, Any] = {
         "mode": mode,
         "objective": OBJECTIVES[mode],
-        "scale_search": scale_search,
-        "intra_block": cfg.intra_block,
-        "damp_percent": cfg.damp_percent,
-        "act_order": cfg.act_order,
+        "scale_search": settings.scale_search,
+        "intra_block": settings.intra_block,
+        "damp_percent": settings.damp_percent,
+        "act_order": settings.act_order,
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "layers": [],
@@ -129,7 +130,7 @@ def run_refit(
         ref_layer.to(device)
         try:
             with torch.no_grad():
-                record = _refit_layer(layers[index], ref_layer, reference, quantized, cfg, scale_search)
+                record = _refit_layer(layers[index], ref_layer, reference, quantized, settings)
                 if asymmetric:
                     reference = _forward(ref_layer, reference)
                 quantized = _run_on_device(
@@ -154,8 +155,7 @@ def _refit_layer(
     ref_layer: nn.Module,
     reference: list[_LayerInput] | None,
     quantized: list[_LayerInput],
-    cfg: Any,
-    scale_search: str,
+    settings: Any,
 ) -> dict[str, Any]:
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, MXLinear) and m.weight_source == "gptq"}
     record: dict[str, Any] = {"linears": {}}
@@ -166,33 +166,34 @@ def _refit_layer(
         H_q = _hessian(layer, first, quantized, first.input_quantizer)  # H̃, on X̃
         if reference is not None:  # asymmetric
             C, H_x = _cross_statistics(layer, first, ref_layer, ref_layer.get_submodule(group[0]), reference, quantized)
-        for name in group:
-            mx = linears[name]
-            before = mx.weight.detach().to(torch.float32, copy=True)  # the buffer is overwritten below
-            W = ref_layer.get_submodule(name).weight.detach().to(torch.float32)
+        weights = {name: ref_layer.get_submodule(name).weight.detach().to(torch.float32) for name in group}
+        for fmt in dict.fromkeys(linears[name].weight_fmt for name in group):
+            names = [name for name in group if linears[name].weight_fmt == fmt]
             # quantized_inputs: GPTQ of W itself on X̃; asymmetric: of the least-squares target
-            target = W if reference is None else least_squares_target(W, H_q, C, cfg.damp_percent)
-            Q, stats = mx_gptq(target, H_q, mx.weight_fmt, damp_percent=cfg.damp_percent,
-                               scale_search=scale_search, intra_block=cfg.intra_block, act_order=cfg.act_order)
-            mx.weight.copy_(Q.to(mx.weight.dtype))
-            after = mx.weight.to(torch.float32)
-            if reference is None:
-                energy = output_energy(W, H_q)
-                errors = output_error(W, before, H_q), output_error(W, after, H_q)
-            else:
-                energy = float(torch.einsum("ij,jk,ik->", W.double(), H_x.double(), W.double()))
-                errors = asymmetric_error(W, before, H_q, C, H_x), asymmetric_error(W, after, H_q, C, H_x)
-            stats_out = {
-                "format": mx.weight_fmt.label,
-                "output_energy": energy,
-                "error_before": errors[0],
-                "error_after": errors[1],
-                "damp_percent": stats.damp_percent,
-                "fallback_rtn": stats.fallback_rtn,
-            }
-            stats_out["rel_error_before"] = _relative(errors[0], energy)
-            stats_out["rel_error_after"] = _relative(errors[1], energy)
-            record["linears"][name] = stats_out
+            targets = [weights[name] if reference is None
+                       else least_squares_target(weights[name], H_q, C, settings.damp_percent) for name in names]
+            Qs, stats = stacked_gptq(targets, H_q, fmt, settings)
+            for name, Q in zip(names, Qs):
+                mx, W = linears[name], weights[name]
+                before = mx.weight.detach().to(torch.float32, copy=True)  # the buffer is overwritten below
+                mx.weight.copy_(Q.to(mx.weight.dtype))
+                after = mx.weight.to(torch.float32)
+                if reference is None:
+                    energy = output_energy(W, H_q)
+                    errors = output_error(W, before, H_q), output_error(W, after, H_q)
+                else:
+                    energy = output_energy(W, H_x)
+                    errors = asymmetric_error(W, before, H_q, C, H_x), asymmetric_error(W, after, H_q, C, H_x)
+                record["linears"][name] = {
+                    "format": fmt.label,
+                    "output_energy": energy,
+                    "error_before": errors[0],
+                    "error_after": errors[1],
+                    "rel_error_before": _relative(errors[0], energy),
+                    "rel_error_after": _relative(errors[1], energy),
+                    "damp_percent": stats.damp_percent,
+                    "fallback_rtn": stats.fallback_rtn,
+                }
     return record
 
 
